@@ -1,0 +1,219 @@
+"""Scoring projectors: one forward pass per item serves every projector and every layer.
+
+Requests name a projector, an evaluation set (distribution, split, protocol) and an item. Items
+shared by several requests (the same sentence under id, mat and affine) are run once. Projected
+logits are computed only at scored positions, all layers of a projector in one batched product.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .corpora import get_corpus
+from .encoding import Encoded, batches, encode
+from .fitting import FitSpec, get_least_squares
+from .metrics import LENS_METRICS, lens_metrics, r2_per_item
+from .models import LensModel
+from .projectors import FITTED, NAMES, IdentityProjector, Projector
+from .protocols import Item, ProtocolConfig
+from .provenance import model_record, utc_now, versions
+from .store import sha256_json
+
+log = logging.getLogger(__name__)
+METRICS = LENS_METRICS + ("r2",)
+# Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
+LOGIT_BUDGET = 1 << 25
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    projector: str
+    distribution: str
+    split: str
+    protocol: ProtocolConfig
+    item: Item
+    fit: FitSpec | None = None
+
+    def __post_init__(self):
+        if self.projector not in NAMES:
+            raise ValueError(f"unknown projector {self.projector!r}; known: {', '.join(NAMES)}")
+        if (self.projector in FITTED) != (self.fit is not None):
+            raise ValueError(f"projector {self.projector!r} {'needs' if self.projector in FITTED else 'takes no'} fit spec")
+
+    @property
+    def projector_key(self) -> tuple:
+        return (self.projector, self.fit)
+
+    @property
+    def group_key(self) -> tuple:
+        return (self.distribution, self.split, self.protocol)
+
+
+# Provenance records of finished evaluations, by id; responses carry only the id.
+PROVENANCE: dict[str, dict] = {}
+
+
+class Engine:
+    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None):
+        self.lens = lens
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.fingerprint = lens.fingerprint()
+
+    def run(self, requests: list[EvalRequest]) -> list[dict]:
+        start = time.perf_counter()
+        projectors, fit_info = self._projectors({r.projector_key for r in requests})
+        by_group: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_group[r.group_key].append(i)
+        responses: list[dict | None] = [None] * len(requests)
+        for group, indices in by_group.items():
+            items: dict[str, Item] = {}
+            for i in indices:
+                item = requests[i].item
+                if items.setdefault(item.item_id, item) != item:
+                    raise ValueError(f"two requests name item {item.item_id} with different contents")
+            keys = sorted({requests[i].projector_key for i in indices}, key=repr)
+            result = self._evaluate_group(group, list(items.values()), {k: projectors[k] for k in keys})
+            for i in indices:
+                r = requests[i]
+                per_item, prov = result[r.projector_key]
+                prov_full = {**prov, "projector_config": self._projector_config(r, fit_info)}
+                prov_id = sha256_json(prov_full)[:16]
+                PROVENANCE[prov_id] = prov_full
+                responses[i] = {**per_item[r.item.item_id], "provenance": prov_id}
+        log.info("jtc: %d requests scored in %.1f s", len(requests), time.perf_counter() - start)
+        return responses  # type: ignore[return-value]
+
+    # -- projectors -------------------------------------------------------------------------------
+
+    def _projectors(self, keys: set[tuple]) -> tuple[dict[tuple, Projector], dict]:
+        out: dict[tuple, Projector] = {}
+        fit_info = {}
+        for name, fit in sorted(keys, key=repr):
+            if name == "id":
+                out[(name, fit)] = IdentityProjector()
+                continue
+            if fit not in fit_info:
+                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint)
+                fit_info[fit] = fitted.info
+                out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
+        return out, fit_info
+
+    def _projector_config(self, request: EvalRequest, fit_info: dict) -> dict:
+        if request.fit is None:
+            return {"name": request.projector}
+        return {"name": request.projector, "intercept": FITTED[request.projector], **request.fit.as_dict(),
+                **{k: v for k, v in fit_info[request.fit].items() if k != "versions"}}
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _evaluate_group(self, group: tuple, items: list[Item], projectors: dict[tuple, Projector]) -> dict:
+        distribution, split, protocol = group
+        lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
+        encoded = [encode(it, lens.tokenizer, protocol, lens.masked, self.max_length) for it in items]
+        index = {e.item_id: k for k, e in enumerate(encoded)}
+        N = len(encoded)
+        values = {key: {m: torch.zeros(N, L, dtype=torch.float64) for m in LENS_METRICS} for key in projectors}
+        sq_err = {key: torch.zeros(N, L, d, dtype=torch.float32) for key in projectors}
+        n_pos = torch.zeros(N, dtype=torch.float64)
+        # per-item sums of the target and its square: the variance of any subset of items follows
+        t_sum = torch.zeros(N, d, dtype=torch.float64)
+        t_sq = torch.zeros(N, d, dtype=torch.float64)
+        pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+        sources = list(range(L))
+        with torch.no_grad(), tqdm(total=N, desc=f"jtc {distribution}/{split} ({len(projectors)} projectors)", unit="item") as bar:
+            for batch in batches(encoded, self.batch_size, pad):
+                owner = torch.tensor([index[batch.encoded[o].item_id] for o in batch.owner.tolist()])
+                states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
+                target = states[L]
+                t64 = target.double().cpu()
+                t_sum.index_add_(0, owner, t64)
+                t_sq.index_add_(0, owner, t64 * t64)
+                n_pos.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+                final_logits = lens.readout(target).float()
+                targets = batch.targets.to(final_logits.device)
+                for key, projector in projectors.items():
+                    projected = projector.project(states, sources, L)
+                    for m, v in self._score(final_logits, projected, targets).items():
+                        values[key][m].index_add_(0, owner, v.T.double().cpu())
+                    diff = (projected - target[None]).float()
+                    sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
+                bar.update(len(batch.encoded))
+        var = _variance(t_sum, t_sq, n_pos)
+        pos0 = torch.tensor([e.at_position_zero for e in encoded])
+        out = {}
+        for key in projectors:
+            r2 = r2_per_item(sq_err[key], n_pos, var)
+            per_item = {}
+            for k, e in enumerate(encoded):
+                row = {}
+                for m in LENS_METRICS:
+                    layer_vals = (values[key][m][k] / n_pos[k]).tolist()
+                    row.update({f"{m}.L{l}": layer_vals[l] for l in range(L)})
+                    row[m] = sum(layer_vals) / L
+                r2_vals = r2[k].tolist()
+                row.update({f"r2.L{l}": r2_vals[l] for l in range(L)})
+                row["r2"] = sum(r2_vals) / L
+                row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
+                per_item[e.item_id] = row
+            prov = self._group_provenance(group, encoded, pos0, n_pos)
+            if pos0.any() and (~pos0).any():
+                keep = ~pos0
+                sub_r2 = r2_per_item(sq_err[key][keep], n_pos[keep], _variance(t_sum[keep], t_sq[keep], n_pos[keep]))
+                prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in sub_r2.mean(0).tolist()]
+            out[key] = (per_item, prov)
+        return out
+
+    def _score(self, final_logits: torch.Tensor, projected: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Lens metrics (S, P) with the projected logits materialised a slice of positions and layers at a time."""
+        S, P, _ = projected.shape
+        V = final_logits.shape[-1]
+        pos_step = max(1, min(P, LOGIT_BUDGET // V))
+        layer_step = max(1, LOGIT_BUDGET // (pos_step * V))
+        parts: dict[str, list[list[torch.Tensor]]] = defaultdict(list)
+        for p0 in range(0, P, pos_step):
+            row: dict[str, list[torch.Tensor]] = defaultdict(list)
+            for s0 in range(0, S, layer_step):
+                logits = self.lens.readout(projected[s0:s0 + layer_step, p0:p0 + pos_step])
+                for m, v in lens_metrics(final_logits[p0:p0 + pos_step], logits, targets[p0:p0 + pos_step]).items():
+                    row[m].append(v)
+            for m, v in row.items():
+                parts[m].append(torch.cat(v, dim=0))
+        return {m: torch.cat(v, dim=1) for m, v in parts.items()}
+
+    def _group_provenance(self, group, encoded: list[Encoded], pos0: torch.Tensor, n_pos: torch.Tensor) -> dict:
+        distribution, split, protocol = group
+        corpus = get_corpus(distribution)
+        return {
+            "model": self.fingerprint,
+            "model_record": model_record(getattr(self.lens.model.config, "_name_or_path", "") or ""),
+            "distribution": distribution,
+            "corpus_sha256": corpus.source_hash,
+            "split": split,
+            "protocol": protocol.as_dict(),
+            "seed": protocol.seed,
+            "items": len(encoded),
+            "positions": int(n_pos.sum().item()),
+            "items_data_sha256": sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded]),
+            "bos_added": any(e.bos_added for e in encoded),
+            "items_at_position_0": int(pos0.sum().item()),
+            "adapter_checks": {k: float(v) for k, v in self.lens.checks.items()},
+            "dtype": str(self.lens.dtype).replace("torch.", ""),
+            "device": str(self.lens.device),
+            "versions": versions(),
+            "date": utc_now(),
+        }
+
+
+def _variance(t_sum: torch.Tensor, t_sq: torch.Tensor, n_pos: torch.Tensor) -> torch.Tensor:
+    """Population variance per coordinate of the target over all positions of the given items."""
+    n = n_pos.sum()
+    mean = t_sum.sum(0) / n
+    return t_sq.sum(0) / n - mean * mean

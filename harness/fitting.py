@@ -1,0 +1,105 @@
+"""Fitting the least-squares projectors (mat and affine) of a model on the train split of a corpus, cached."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .corpora import get_corpus
+from .encoding import batches, encode
+from .models import LensModel
+from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
+from .projectors.cache import load_entry, save_entry
+from .protocols import ProtocolConfig, build_items
+from .provenance import versions
+from .store import sha256_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    fit_on: str
+    protocol: ProtocolConfig
+    n_fit: int
+    pairs: str = "last"
+
+    def as_dict(self) -> dict:
+        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs}
+
+
+@dataclass
+class FittedLeastSquares:
+    mat: LeastSquaresProjector
+    affine: LeastSquaresProjector
+    info: dict  # provenance of the fit: data hash, positions, time, cache entry
+
+
+def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
+    corpus = get_corpus(spec.fit_on)
+    items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
+    encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
+    data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
+    return corpus, encoded, data_hash
+
+
+def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str) -> GramAccumulator:
+    acc = GramAccumulator(lens.num_layers + 1, lens.d_model, pairs)
+    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    with tqdm(total=len(encoded), desc=desc, unit="item") as bar:
+        for batch in batches(encoded, batch_size, pad):
+            acc.update(lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols))
+            bar.update(len(batch.encoded))
+    acc.flush()
+    return acc
+
+
+def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: int | None = None,
+                      fingerprint: dict | None = None) -> FittedLeastSquares:
+    """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now."""
+    fingerprint = fingerprint or lens.fingerprint()
+    corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
+    pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
+    key = {
+        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "fit_data_sha256": data_hash,
+        "fit_on": spec.fit_on,
+        "protocol": spec.protocol.as_dict(),
+        "n_fit": spec.n_fit,
+        "pairs": pairs,
+    }
+    cached = load_entry(key)
+    if cached is not None:
+        tensors, meta = cached
+        log.info("least-squares projectors for %s loaded from the cache", spec.fit_on)
+        return FittedLeastSquares(
+            LeastSquaresProjector.from_tensors("mat", {k[4:]: v for k, v in tensors.items() if k.startswith("mat.")}),
+            LeastSquaresProjector.from_tensors("affine", {k[7:]: v for k, v in tensors.items() if k.startswith("affine.")}),
+            {**meta["info"], "cache": "hit"},
+        )
+    start = time.perf_counter()
+    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train")
+    if acc.n <= lens.d_model:
+        log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
+    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
+    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
+    info = {
+        "fit_on": spec.fit_on,
+        "fit_corpus_sha256": corpus.source_hash,
+        "fit_split": "train",
+        "fit_items": len(encoded),
+        "fit_positions": acc.n,
+        "fit_data_sha256": data_hash,
+        "pairs": pairs,
+        "fit_seconds": round(time.perf_counter() - start, 2),
+        "accumulation": "float64 Gram matrices, one pass",
+        "versions": versions(),
+    }
+    tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
+    meta = save_entry(key, tensors, {"info": info})
+    info["cache"] = "miss"
+    info["cache_entry"] = meta["tensors_sha256"][:16]
+    return FittedLeastSquares(mat, affine, info)

@@ -1,0 +1,36 @@
+"""What every number carries: software versions, time, and the model's own record where it has one."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+MODEL_RECORD = "jtc_model.json"  # written beside prepared bundled models
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("jtc-lens", "torch", "transformers", "lm_eval", "numpy", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def model_record(name_or_path: str) -> dict | None:
+    """The record a prepared model folder carries (source file hash, quantisation), if any."""
+    path = Path(name_or_path) / MODEL_RECORD
+    if path.is_file():
+        try:
+            return json.loads(path.read_text("utf-8"))
+        except ValueError:
+            return {"error": f"unreadable {MODEL_RECORD}"}
+    return None
