@@ -1,0 +1,1 @@
+"""lm-evaluation-harness integration: the task class, the request handler and task discovery."""

@@ -1,0 +1,63 @@
+"""The ``jtc_lens`` request type: every jtc request of a run reaches this one method of the model.
+
+lm-eval dispatches requests with ``getattr(lm, request_type)(all_requests)``; attaching the method to
+the base LM class extends the stock ``hf`` model (and any LM exposing ``.model`` and ``.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..engine import Engine, EvalRequest
+from ..fitting import FitSpec
+from ..models import build_lens_model
+from ..projectors import FITTED
+from ..protocols import Item, ProtocolConfig
+
+REQUEST_TYPE = "jtc_lens"
+
+
+def request_from_spec(text: str, spec: dict) -> EvalRequest:
+    protocol = ProtocolConfig(**spec["protocol"])
+    fit = None
+    if spec["projector"] in FITTED:
+        fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"])
+    return EvalRequest(
+        projector=spec["projector"],
+        distribution=spec["distribution"],
+        split=spec["split"],
+        protocol=protocol,
+        item=Item(spec["item_id"], text, float(spec["u"])),
+        fit=fit,
+    )
+
+
+def jtc_lens(lm, requests) -> list[dict]:
+    """Score all jtc requests of a run with one engine on ``lm.model``."""
+    if not requests:
+        return []
+    parsed = []
+    batch_size = None
+    for req in requests:
+        text, spec_json = req.args[0], req.args[1]
+        spec = json.loads(spec_json)
+        batch_size = batch_size or spec.get("batch_size")
+        parsed.append(request_from_spec(text, spec))
+    lens = getattr(lm, "_jtc_lens", None)
+    if lens is None:
+        model = getattr(lm, "model", None)
+        tokenizer = getattr(lm, "tokenizer", None)
+        if model is None or tokenizer is None:
+            raise TypeError(f"the jtc tasks need a Hugging Face model (lm-eval's hf); {type(lm).__name__} exposes no .model/.tokenizer")
+        lens = build_lens_model(model, tokenizer)
+        lm._jtc_lens = lens
+    max_length = getattr(lm, "max_length", None)
+    engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length)
+    return engine.run(parsed)
+
+
+def install() -> None:
+    from lm_eval.api.model import LM
+
+    if getattr(LM, REQUEST_TYPE, None) is not jtc_lens:
+        setattr(LM, REQUEST_TYPE, jtc_lens)

@@ -1,0 +1,66 @@
+"""How lm-eval finds the jtc tasks without --include_path, and what plugin entry points point at.
+
+lm-eval 0.4.13 reads no plugin entry points, so the wheel ships a .pth file that imports
+``harness._autoload``; that module waits for ``lm_eval.tasks.manager`` to be imported and then wraps
+``TaskManager.__init__`` so that the jtc task folder is always among its include paths. It also lets
+``--model_args`` carry jtc options (``fit_on=news``) that lm-eval forwards to every task's metadata,
+by removing them before the stock ``hf`` model passes its arguments to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+# jtc options accepted in --model_args; they reach the tasks through lm-eval's metadata merge.
+MODEL_ARG_OPTIONS = ("fit_on", "n_fit", "n_eval", "protocol", "seed", "pairs", "chunk_len", "stride", "jtc_batch_size")
+
+
+def tasks_dir() -> str:
+    """The folder of task YAMLs: inside the installed package, or ``tasks/`` of a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "tasks", here.parent / "tasks"):
+        if candidate.is_dir() and any(candidate.glob("jtc_*.yaml")):
+            return str(candidate)
+    raise FileNotFoundError(f"the jtc task YAMLs were not found beside {here}")
+
+
+def hf_model():
+    """Entry point for lm-eval releases that load models by plugin: the stock HF model, which the tasks extend."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM
+
+
+def patch_task_manager(module) -> None:
+    manager = module.TaskManager
+    if getattr(manager.__init__, "_jtc_patched", False):
+        return
+    original = manager.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, include_path=None, **kwargs):
+        paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+        ours = tasks_dir()
+        if not any(Path(p).resolve() == Path(ours) for p in paths):
+            paths.insert(0, ours)  # user paths come later and may override
+        original(self, *args, include_path=paths, **kwargs)
+
+    __init__._jtc_patched = True
+    manager.__init__ = __init__
+
+
+def patch_hf_model(module) -> None:
+    hflm = module.HFLM
+    if getattr(hflm.__init__, "_jtc_patched", False):
+        return
+    original = hflm.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        for key in MODEL_ARG_OPTIONS:
+            kwargs.pop(key, None)
+        original(self, *args, **kwargs)
+
+    __init__._jtc_patched = True
+    hflm.__init__ = __init__

@@ -1,0 +1,138 @@
+"""The lm-eval task behind every ``jtc_<projector>_<distribution>`` YAML.
+
+The YAML names the projector and the distribution; everything else has defaults that task metadata
+(``--metadata '{"n_fit": 9000}'``) or model arguments (``--model_args ...,fit_on=news``) override.
+Documents are protocol items of the evaluation split; each becomes one ``jtc_lens`` request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import datasets
+from lm_eval.api.instance import Instance
+from lm_eval.api.metrics import mean
+from lm_eval.api.task import ConfigurableTask
+
+from ..corpora import get_corpus
+from ..engine import METRICS, PROVENANCE
+from ..projectors import FITTED, NAMES
+from ..protocols import ProtocolConfig, build_items
+from . import handler
+
+log = logging.getLogger(__name__)
+handler.install()
+
+DEFAULTS = {
+    "split": "validation",
+    "protocol": "paper",
+    "seed": 1234,
+    "n_eval": 1000,
+    "n_fit": 4000,
+    "pairs": "last",
+    "chunk_len": 128,
+    "stride": None,
+    "jtc_batch_size": 16,
+}
+HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
+                    "entropy": None, "r2": True}
+
+
+class _MeanForEveryMetric(dict):
+    """Every per-layer metric aggregates by lm-eval's own ``mean`` (closed-form standard error)."""
+
+    def __missing__(self, key):
+        return mean
+
+
+class JTCTask(ConfigurableTask):
+    def __init__(self, config: dict | None = None, **kwargs):
+        config = dict(config or {})
+        config.pop("class", None)  # lm-eval's loader keeps it; TaskConfig does not know it
+        meta = {**DEFAULTS, **(config.get("metadata") or {})}
+        for key in ("projector", "distribution"):
+            if not meta.get(key):
+                raise ValueError(f"task {config.get('task')}: metadata needs {key!r}")
+        if meta["projector"] not in NAMES:
+            raise ValueError(f"task {config.get('task')}: unknown projector {meta['projector']!r}; known: {', '.join(NAMES)}")
+        meta["fit_on"] = meta.get("fit_on") or meta["distribution"]
+        self._protocol = ProtocolConfig(
+            name=meta["protocol"], seed=int(meta["seed"]), chunk_len=int(meta["chunk_len"]),
+            stride=None if meta["stride"] in (None, "", "none") else int(meta["stride"]),
+        )
+        config["metadata"] = meta
+        self._meta = meta
+        self._jtc_higher_is_better: dict = {}
+        super().__init__(config=config, **kwargs)
+        # Requests are of our own type; lm-eval pads multi-process runs by OUTPUT_TYPE.
+        self.OUTPUT_TYPE = handler.REQUEST_TYPE
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def download(self, dataset_kwargs=None, **kwargs) -> None:
+        meta = self._meta
+        corpus = get_corpus(meta["distribution"])
+        limit = None if meta["n_eval"] in (None, "", "all") else int(meta["n_eval"])
+        items = build_items(corpus, meta["split"], self._protocol, limit=limit)
+        if not items:
+            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}")
+        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u} for it in items]
+        self.dataset = datasets.DatasetDict({meta["split"]: datasets.Dataset.from_list(docs)})
+
+    def has_training_docs(self) -> bool:
+        return False
+
+    def has_validation_docs(self) -> bool:
+        return self._meta["split"] == "validation"
+
+    def has_test_docs(self) -> bool:
+        return self._meta["split"] == "test"
+
+    def validation_docs(self):
+        return self.dataset["validation"]
+
+    def test_docs(self):
+        return self.dataset["test"]
+
+    # -- requests and results ---------------------------------------------------------------------
+
+    def construct_requests(self, doc, ctx, **kwargs):
+        meta = self._meta
+        spec = {
+            "projector": meta["projector"],
+            "distribution": meta["distribution"],
+            "split": meta["split"],
+            "protocol": {"name": self._protocol.name, "seed": self._protocol.seed,
+                         "chunk_len": self._protocol.chunk_len, "stride": self._protocol.stride},
+            "item_id": doc["item_id"],
+            "u": doc["u"],
+            "batch_size": int(meta["jtc_batch_size"]),
+        }
+        if meta["projector"] in FITTED:
+            spec.update(fit_on=meta["fit_on"], n_fit=int(meta["n_fit"]), pairs=meta["pairs"])
+        return Instance(
+            request_type=handler.REQUEST_TYPE,
+            doc=doc,
+            arguments=(doc["text"], json.dumps(spec, sort_keys=True)),
+            idx=0,
+            metadata=kwargs.get("metadata", (self.config.task, None, 1)),
+        )
+
+    def process_results(self, doc, results):
+        (response,) = results
+        prov = PROVENANCE.get(response.get("provenance"))
+        if prov is not None:
+            recorded = self.config.metadata.setdefault("provenance", prov)
+            if recorded is not prov and recorded != prov:
+                raise RuntimeError(f"{self.config.task}: items were scored under different provenance records")
+        metrics = {k: v for k, v in response.items() if k.split(".")[0] in METRICS}
+        for key in metrics:
+            self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0]])
+        return metrics
+
+    def aggregation(self) -> dict:
+        return _MeanForEveryMetric()
+
+    def higher_is_better(self) -> dict:
+        return dict(self._jtc_higher_is_better)
