@@ -10,13 +10,17 @@ from .base import Corpus, Document, MissingSourceError, cached_documents, hash_f
 
 INSTALL = "gensim==4.4.0"
 DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-LOADER_VERSION = "wikipedia-1"
+LOADER_VERSION = "wikipedia-2"
 # Sections from which on an article holds lists of links and citations, not prose.
 _TRAILING_SECTIONS = re.compile(
     r"^==+\s*(References|External links|See also|Notes|Further reading|Bibliography|Sources|Citations|Footnotes)\s*==+",
     re.IGNORECASE | re.MULTILINE,
 )
 _NON_PROSE_LINK = re.compile(r"^(file|image|category|media):", re.IGNORECASE)
+# Citations and comments are removed before parsing: the parser leaves some of them in place
+# when they sit inside templates or unbalanced markup.
+_REFS = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_LEFTOVER_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
 
 
 def _clean(wikitext: str) -> str:
@@ -27,7 +31,7 @@ def _clean(wikitext: str) -> str:
     cut = _TRAILING_SECTIONS.search(wikitext)
     if cut:
         wikitext = wikitext[: cut.start()]
-    code = mwparserfromhell.parse(wikitext)
+    code = mwparserfromhell.parse(_REFS.sub("", wikitext))
     for tag in code.filter_tags(recursive=True):
         if str(tag.tag).lower() in {"ref", "table", "gallery", "math", "references", "timeline"}:
             try:
@@ -43,6 +47,7 @@ def _clean(wikitext: str) -> str:
     text = code.strip_code(normalize=True, collapse=True)
     # strip_code keeps the text of table markup ({| ... |}) written without tags and heading marks.
     text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.DOTALL)
+    text = _LEFTOVER_TAG.sub("", text)
     lines = []
     for line in text.split("\n"):
         line = line.strip()

@@ -1,7 +1,7 @@
 """How lm-eval finds the jtc tasks without --include_path, and what plugin entry points point at.
 
 lm-eval 0.4.13 reads no plugin entry points, so the wheel ships a .pth file that imports
-``harness._autoload``; that module waits for ``lm_eval.tasks.manager`` to be imported and then wraps
+``_jtc_lens_autoload``; that module waits for ``lm_eval.tasks.manager`` to be imported and then wraps
 ``TaskManager.__init__`` so that the jtc task folder is always among its include paths. It also lets
 ``--model_args`` carry jtc options (``fit_on=news``) that lm-eval forwards to every task's metadata,
 by removing them before the stock ``hf`` model passes its arguments to ``from_pretrained``.

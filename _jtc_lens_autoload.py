@@ -1,5 +1,7 @@
 """Imported at interpreter start by jtc_lens.pth; must stay cheap and never fail.
 
+A top-level module of its own, so that start-up imports nothing of the harness package.
+
 It registers an import hook that patches lm-eval only when lm-eval itself is imported.
 Set JTC_NO_AUTOLOAD=1 to disable.
 """

@@ -1,0 +1,92 @@
+"""The ``jtc`` command: bundled models and corpora (evaluation itself runs through ``lm_eval``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _models(args) -> int:
+    from . import bundled
+
+    if args.action == "list":
+        for name, model in sorted(bundled.MODELS.items()):
+            state = "prepared" if bundled.is_prepared(name) else "not prepared"
+            print(f"{name:22s} {model.hf_name:38s} {model.quantisation:7s} {state}")
+        return 0
+    if not args.name:
+        print(f"jtc models {args.action}: a model name is required", file=sys.stderr)
+        return 2
+    if args.action == "prepare":
+        print(bundled.prepare(args.name, force=args.force))
+        return 0
+    # path: prepare on first use so that $(jtc models path NAME) always names a usable folder
+    print(bundled.prepare(args.name))
+    return 0
+
+
+def _corpora(args) -> int:
+    from .corpora import get_corpus, names
+
+    for name in names():
+        corpus = get_corpus(name)
+        words = sum(len(d.text.split()) for d in corpus.documents)
+        print(f"{name:12s} {len(corpus.documents):6d} docs {words:9d} words  sha256 {corpus.source_hash[:16]}  {corpus.description}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    metadata = json.loads(args.metadata) if args.metadata else {}
+    for key in ("n_eval", "n_fit", "fit_on", "protocol", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            metadata[key] = value
+    return run_sweep(
+        models=[m for m in args.models.split(",") if m],
+        tasks=args.tasks,
+        output_path=Path(args.output_path),
+        metadata=metadata,
+        extra=args.lm_eval_args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="jtc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sub.add_parser("models", help="bundled models: list, prepare NAME, path NAME")
+    models.add_argument("action", choices=["list", "prepare", "path"])
+    models.add_argument("name", nargs="?")
+    models.add_argument("--force", action="store_true", help="convert again even if a prepared folder exists")
+    models.set_defaults(func=_models)
+    corpora = sub.add_parser("corpora", help="text distributions: list")
+    corpora.add_argument("action", choices=["list"])
+    corpora.set_defaults(func=_corpora)
+    sweep = sub.add_parser("sweep", help="run lm_eval over several models in turn (resumable) and summarise")
+    sweep.add_argument("--models", required=True, help="comma-separated bundled names, hub names or local folders")
+    sweep.add_argument("--tasks", default="jtc_*")
+    sweep.add_argument("--output_path", required=True)
+    sweep.add_argument("--metadata", help="JSON task options passed to lm_eval --metadata")
+    sweep.add_argument("--n-eval", dest="n_eval", type=int, help="evaluation items per task")
+    sweep.add_argument("--n-fit", dest="n_fit", type=int, help="fit items for mat/affine")
+    sweep.add_argument("--fit-on", dest="fit_on", help="fit distribution (transfer); default: the evaluated one")
+    sweep.add_argument("--protocol", choices=["paper", "dense"])
+    sweep.add_argument("--seed", type=int)
+    sweep.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="after --: further lm_eval arguments")
+    sweep.set_defaults(func=_sweep)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"jtc: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+
+import tiny
+from harness.corpora import get_corpus
+from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from harness.fitting import FitSpec, get_least_squares
+from harness.models import build_lens_model
+from harness.protocols import ProtocolConfig, build_items
+
+
+def _requests(protocol, n_items=10, n_fit=80, fit_on="wikipedia", projectors=("id", "mat", "affine")):
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=n_items)
+    fit = FitSpec(fit_on, protocol, n_fit)
+    return [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit) for p in projectors for it in items]
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_every_architecture_end_to_end(arch):
+    lens = build_lens_model(*tiny.build(arch))
+    protocol = ProtocolConfig("paper", seed=3)
+    requests = _requests(protocol)
+    responses = Engine(lens, batch_size=4).run(requests)
+    assert len(responses) == len(requests)
+    L = lens.num_layers
+    for resp in responses:
+        for m in METRICS:
+            assert math.isfinite(resp[m])
+            for layer in range(L):
+                assert math.isfinite(resp[f"{m}.L{layer}"])
+            assert f"{m}.L{L}" not in resp
+            assert math.isclose(resp[m], sum(resp[f"{m}.L{l}"] for l in range(L)) / L, rel_tol=1e-9, abs_tol=1e-12)
+        assert resp["n_positions"] == 1
+        prov = PROVENANCE[resp["provenance"]]
+        assert prov["model"]["unembed_sha256"] and len(prov["corpus_sha256"]) == 64
+        assert prov["protocol"] == {"name": "paper", "seed": 3} and prov["seed"] == 3
+        assert prov["versions"]["torch"] and prov["items"] == 10
+    mat = [r for r, q in zip(responses, requests) if q.projector == "mat"]
+    assert PROVENANCE[mat[0]["provenance"]]["projector_config"]["fit_positions"] == 80
+
+
+def test_one_forward_pass_per_item_serves_all_projectors():
+    lens = build_lens_model(*tiny.build("llama"))
+    protocol = ProtocolConfig("paper", seed=1)
+    requests = _requests(protocol, n_items=12)
+    get_least_squares(lens, requests[-1].fit, batch_size=4)  # fitted beforehand: only evaluation is counted
+    rows = []
+    handle = lens.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        Engine(lens, batch_size=5).run(requests)
+    finally:
+        handle.remove()
+    assert sum(rows) == 12  # 36 requests, 12 distinct items, each run once
+    assert len(rows) == 3
+
+
+def test_dense_protocol_scores_every_position():
+    lens = build_lens_model(*tiny.build("gptneox"))
+    protocol = ProtocolConfig("dense", seed=0, chunk_len=16)
+    responses = Engine(lens, batch_size=4).run(_requests(protocol, n_items=4, n_fit=10, projectors=("id", "affine")))
+    assert all(r["n_positions"] == 15 for r in responses)
+    assert all(math.isfinite(r["kl"]) for r in responses)
+
+
+def test_transfer_fits_on_the_named_distribution():
+    lens = build_lens_model(*tiny.build("gpt2"))
+    protocol = ProtocolConfig("paper", seed=2)
+    requests = _requests(protocol, n_items=5, fit_on="news", projectors=("mat",))
+    responses = Engine(lens, batch_size=4).run(requests)
+    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    assert config["fit_on"] == "news" and config["fit_corpus_sha256"] == get_corpus("news").source_hash
+    assert PROVENANCE[responses[0]["provenance"]]["distribution"] == "wikipedia"
+
+
+def test_bad_requests_are_rejected():
+    protocol = ProtocolConfig("paper")
+    item = build_items(get_corpus("wikipedia"), "validation", protocol, limit=1)[0]
+    with pytest.raises(ValueError, match="unknown projector"):
+        EvalRequest("logit", "wikipedia", "validation", protocol, item)
+    with pytest.raises(ValueError, match="needs"):
+        EvalRequest("mat", "wikipedia", "validation", protocol, item)

@@ -1,0 +1,67 @@
+import math
+
+import numpy as np
+import torch
+
+import tiny
+from harness.metrics import lens_metrics, r2_per_item, r2_pooled
+from harness.models import build_lens_model
+from harness.projectors import IdentityProjector
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_lens_metrics_match_hand_computed_values():
+    final = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]])  # P = 1, V = 12
+    lens = torch.stack([
+        final.clone(),  # identical: top-1 agrees, KL 0
+        torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),  # top-1 = token 5 (final rank 6)
+        torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]]),  # top-1 = token 11 (final rank 12)
+    ])
+    nxt = torch.tensor([2])
+    out = lens_metrics(final, lens, nxt)
+    pf = _softmax(final[0].numpy().astype(np.float64))
+    for s, top1, in_top5, in_top10 in [(0, 0, 1, 1), (1, 5, 0, 1), (2, 11, 0, 0)]:
+        pl = _softmax(lens[s, 0].numpy().astype(np.float64))
+        assert out["p@1"][s, 0] == float(top1 == 0)
+        assert out["p@5"][s, 0] == in_top5
+        assert out["p@10"][s, 0] == in_top10
+        assert math.isclose(out["surprisal"][s, 0], -math.log(pf[top1]), rel_tol=1e-5)
+        assert math.isclose(out["kl"][s, 0], float(np.sum(pf * (np.log(pf) - np.log(pl)))), rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(out["xent"][s, 0], -math.log(pl[2]), rel_tol=1e-5)
+        assert math.isclose(out["entropy"][s, 0], float(-np.sum(pl * np.log(pl))), rel_tol=1e-5)
+    assert abs(float(out["kl"][0, 0])) < 1e-6
+
+
+def test_r2_per_item_mean_is_the_coefficient_of_determination():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(50, 6, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4, 5, 100])
+    projected = torch.stack([target + 0.5 * torch.randn(50, 6, generator=gen, dtype=torch.float64), torch.zeros(50, 6, dtype=torch.float64)])
+    sq = ((projected - target[None]) ** 2).permute(1, 0, 2)  # (N, S, d): one position per item
+    var = target.var(0, unbiased=False)
+    per_item = r2_per_item(sq, torch.ones(50), var)
+    torch.testing.assert_close(per_item.mean(0), r2_pooled(projected, target))
+    # against the textbook definition, coordinate by coordinate
+    t, p = target.numpy(), projected[0].numpy()
+    ref = np.mean([1 - np.sum((t[:, j] - p[:, j]) ** 2) / np.sum((t[:, j] - t[:, j].mean()) ** 2) for j in range(6)])
+    assert math.isclose(float(per_item.mean(0)[0]), ref, rel_tol=1e-9)
+    assert float(per_item.mean(0)[1]) < 0  # predicting zeros is worse than the mean: negative r^2
+
+
+def test_identity_at_the_last_layer_is_exact():
+    model, tok = tiny.build("gemma3")
+    lens = build_lens_model(model, tok)
+    ids = tok("volunteers around the world predicted the next token", return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    states = lens.capture(ids, torch.ones_like(ids), torch.zeros(n, dtype=torch.long), torch.arange(n))
+    L = lens.num_layers
+    with torch.no_grad():
+        final = lens.readout(states[L])
+        projected = IdentityProjector().project(states, [L], L)
+        out = lens_metrics(final, lens.readout(projected), ids[0])
+    assert torch.all(out["p@1"] == 1)
+    assert float(out["kl"].abs().max()) < 1e-5
+    torch.testing.assert_close(out["entropy"][0], -(final.log_softmax(-1).exp() * final.log_softmax(-1)).sum(-1))

