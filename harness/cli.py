@@ -38,6 +38,15 @@ def _corpora(args) -> int:
     return 0
 
 
+def _table(args) -> int:
+    from .report import layer_table, results_files
+
+    for path in results_files(args.results):
+        print(f"<!-- {path} -->")
+        print(layer_table(path, args.metric))
+    return 0
+
+
 def _sweep(args) -> int:
     from .sweep import run_sweep
 
@@ -68,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     corpora = sub.add_parser("corpora", help="text distributions: list")
     corpora.add_argument("action", choices=["list"])
     corpora.set_defaults(func=_corpora)
+    table = sub.add_parser("table", help="per-layer Markdown table of a metric from lm-eval results")
+    table.add_argument("results", nargs="+", help="results_*.json files or folders holding them")
+    table.add_argument("--metric", default="p@1")
+    table.set_defaults(func=_table)
     sweep = sub.add_parser("sweep", help="run lm_eval over several models in turn (resumable) and summarise")
     sweep.add_argument("--models", required=True, help="comma-separated bundled names, hub names or local folders")
     sweep.add_argument("--tasks", default="jtc_*")
