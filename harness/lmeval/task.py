@@ -51,6 +51,12 @@ class JTCTask(ConfigurableTask):
         config = dict(config or {})
         config.pop("class", None)  # lm-eval's loader keeps it; TaskConfig does not know it
         meta = {**DEFAULTS, **(config.get("metadata") or {})}
+        if meta.get("custom"):
+            # custom_jtc_<projector>: the distribution is whatever the user names
+            if not meta.get("corpus"):
+                raise ValueError(f"task {config.get('task')} needs the distribution to read: "
+                                 "--metadata '{\"corpus\": \"file:PATH\"}' (a .txt or .jsonl file) or '{\"corpus\": \"hf:NAME[:CONFIG]\"}'")
+            meta["distribution"] = meta["corpus"]
         for key in ("projector", "distribution"):
             if not meta.get(key):
                 raise ValueError(f"task {config.get('task')}: metadata needs {key!r}")
