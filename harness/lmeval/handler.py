@@ -32,7 +32,23 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
     )
 
 
-def jtc_lens(lm, requests) -> list[dict]:
+class LensResponse:
+    """An item's metric values. lm-eval writes every response into the samples file twice, as text
+    (``str`` of anything JSON cannot encode); that text is one line, since the values are logged as metrics."""
+
+    def __init__(self, item_id: str, values: dict):
+        self.item_id = item_id
+        self.values = values
+
+    def __str__(self) -> str:
+        v = self.values
+        return (f"jtc item {self.item_id}: position {v.get('position')}, {v.get('n_positions')} scored, "
+                f"{v.get('n_tokens')} tokens, provenance {v.get('provenance')}")
+
+    __repr__ = __str__
+
+
+def jtc_lens(lm, requests) -> list[LensResponse]:
     """Score all jtc requests of a run with one engine on ``lm.model``."""
     if not requests:
         return []
@@ -53,7 +69,7 @@ def jtc_lens(lm, requests) -> list[dict]:
         lm._jtc_lens = lens
     max_length = getattr(lm, "max_length", None)
     engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length)
-    return engine.run(parsed)
+    return [LensResponse(r.item.item_id, values) for r, values in zip(parsed, engine.run(parsed))]
 
 
 def install() -> None:

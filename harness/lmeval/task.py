@@ -127,12 +127,13 @@ class JTCTask(ConfigurableTask):
 
     def process_results(self, doc, results):
         (response,) = results
-        prov = PROVENANCE.get(response.get("provenance"))
+        values = response.values
+        prov = PROVENANCE.get(values.get("provenance"))
         if prov is not None:
             recorded = self.config.metadata.setdefault("provenance", prov)
             if recorded is not prov and recorded != prov:
                 raise RuntimeError(f"{self.config.task}: items were scored under different provenance records")
-        metrics = {k: v for k, v in response.items() if k.split(".")[0] in METRICS}
+        metrics = {k: v for k, v in values.items() if k.split(".")[0] in METRICS}
         for key in metrics:
             self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0]])
         return metrics
