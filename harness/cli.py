@@ -29,12 +29,36 @@ def _models(args) -> int:
 
 
 def _corpora(args) -> int:
-    from .corpora import get_corpus, names
+    from .corpora import catalog, names
 
-    for name in names():
-        corpus = get_corpus(name)
-        words = sum(len(d.text.split()) for d in corpus.documents)
-        print(f"{name:12s} {len(corpus.documents):6d} docs {words:9d} words  sha256 {corpus.source_hash[:16]}  {corpus.description}")
+    selected = args.names or names()
+    if args.action == "verify":
+        results = [catalog.verify(n) for n in selected]
+        for ok, message in results:
+            print(("ok   " if ok else "FAIL ") + message)
+        return 0 if all(ok for ok, _ in results) else 1
+    if args.action == "pin":
+        catalog.pin(selected)
+        print(f"pinned {', '.join(selected)} in {catalog.MANIFEST}")
+        return 0
+    tokenizer = None
+    if args.action == "list" and args.tokens:
+        from transformers import AutoTokenizer
+
+        from . import bundled
+
+        tokenizer = AutoTokenizer.from_pretrained(bundled.prepare("smollm2-135m"))
+    rows = []
+    for name in selected:
+        row = catalog.describe(name, tokenizer)
+        rows.append(row)
+        if not args.markdown:
+            tokens = f" {row['tokens']:>10,} tokens" if "tokens" in row else ""
+            print(f"{name:10s} {row['documents']:6,} docs {row['words']:>10,} words{tokens}  "
+                  f"sentences {row['sentences_train']:,}/{row['sentences_validation']:,}/{row['sentences_test']:,}  "
+                  f"sha256 {row['sources_sha256'][:16]}  {row['description']}")
+    if args.markdown:
+        print(catalog.markdown_table(rows))
     return 0
 
 
@@ -74,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("name", nargs="?")
     models.add_argument("--force", action="store_true", help="convert again even if a prepared folder exists")
     models.set_defaults(func=_models)
-    corpora = sub.add_parser("corpora", help="text distributions: list")
-    corpora.add_argument("action", choices=["list"])
+    corpora = sub.add_parser("corpora", help="text distributions: list, prepare (clean and cache), verify hashes")
+    corpora.add_argument("action", choices=["list", "prepare", "verify", "pin"])
+    corpora.add_argument("names", nargs="*", help="distributions (default: all registered)")
+    corpora.add_argument("--tokens", action="store_true", help="list: also count SmolLM2 tokens")
+    corpora.add_argument("--markdown", action="store_true", help="list: a Markdown table (docs/data.md)")
     corpora.set_defaults(func=_corpora)
     table = sub.add_parser("table", help="per-layer Markdown table of a metric from lm-eval results")
     table.add_argument("results", nargs="+", help="results_*.json files or folders holding them")
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         print(f"jtc: {exc}", file=sys.stderr)
         return 1
 
