@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from .corpora import get_corpus
 from .encoding import Encoded, batches, encode
-from .fitting import FitSpec, get_least_squares
+from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
 from .metrics import LENS_METRICS, lens_metrics, r2_per_item
 from .models import LensModel
-from .projectors import FITTED, NAMES, IdentityProjector, Projector
+from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import Item, ProtocolConfig
 from .provenance import model_record, utc_now, versions
 from .store import sha256_json
@@ -38,13 +38,15 @@ class EvalRequest:
     split: str
     protocol: ProtocolConfig
     item: Item
-    fit: FitSpec | None = None
+    fit: FitSpec | TunedSpec | None = None
 
     def __post_init__(self):
         if self.projector not in NAMES:
             raise ValueError(f"unknown projector {self.projector!r}; known: {', '.join(NAMES)}")
         if (self.projector in FITTED) != (self.fit is not None):
             raise ValueError(f"projector {self.projector!r} {'needs' if self.projector in FITTED else 'takes no'} fit spec")
+        if self.fit is not None and (self.projector == "tuned") != isinstance(self.fit, TunedSpec):
+            raise ValueError(f"projector {self.projector!r} needs a {'TunedSpec' if self.projector == 'tuned' else 'FitSpec'}")
 
     @property
     def projector_key(self) -> tuple:
@@ -100,6 +102,9 @@ class Engine:
             if name == "id":
                 out[(name, fit)] = IdentityProjector()
                 continue
+            if name == "tuned":
+                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint)
+                continue
             if fit not in fit_info:
                 fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint)
                 fit_info[fit] = fitted.info
@@ -109,7 +114,8 @@ class Engine:
     def _projector_config(self, request: EvalRequest, fit_info: dict) -> dict:
         if request.fit is None:
             return {"name": request.projector}
-        return {"name": request.projector, "intercept": FITTED[request.projector], **request.fit.as_dict(),
+        extra = {"intercept": LEAST_SQUARES[request.projector]} if request.projector in LEAST_SQUARES else {}
+        return {"name": request.projector, **extra, **request.fit.as_dict(),
                 **{k: v for k, v in fit_info[request.fit].items() if k != "versions"}}
 
     # -- evaluation -------------------------------------------------------------------------------

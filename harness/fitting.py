@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -16,6 +17,9 @@ from .projectors.cache import load_entry, save_entry
 from .protocols import ProtocolConfig, build_items
 from .provenance import versions
 from .store import sha256_json
+
+if TYPE_CHECKING:
+    from .tuned_training import TunedRecipe
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +107,38 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     info["cache"] = "miss"
     info["cache_entry"] = meta["tensors_sha256"][:16]
     return FittedLeastSquares(mat, affine, info)
+
+
+@dataclass(frozen=True)
+class TunedSpec:
+    fit_on: str
+    recipe: "TunedRecipe"
+
+    def as_dict(self) -> dict:
+        return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
+
+
+def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None):
+    """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint)."""
+    from .projectors.tuned import TunedProjector
+    from .store import cache_root
+    from .tuned_training import TunedTrainer, stream_hash
+
+    fingerprint = fingerprint or lens.fingerprint()
+    key = {
+        "family": "tuned",
+        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "fit_on": spec.fit_on,
+        "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer)),
+        "recipe": spec.recipe.as_dict(),
+    }
+    cached = load_entry(key)
+    if cached is not None:
+        tensors, meta = cached
+        return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
+    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24]
+    projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint).train()
+    info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
+            "versions": versions()}
+    meta = save_entry(key, projector.tensors(), {"info": info})
+    return projector, {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}

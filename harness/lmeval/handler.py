@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..engine import Engine, EvalRequest
-from ..fitting import FitSpec
+from ..fitting import FitSpec, TunedSpec
 from ..models import build_lens_model
 from ..projectors import FITTED
 from ..protocols import Item, ProtocolConfig
@@ -20,7 +20,11 @@ REQUEST_TYPE = "jtc_lens"
 def request_from_spec(text: str, spec: dict) -> EvalRequest:
     protocol = ProtocolConfig(**spec["protocol"])
     fit = None
-    if spec["projector"] in FITTED:
+    if spec["projector"] == "tuned":
+        from ..tuned_training import TunedRecipe
+
+        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]))
+    elif spec["projector"] in FITTED:
         fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"])
     return EvalRequest(
         projector=spec["projector"],

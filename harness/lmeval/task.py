@@ -34,6 +34,14 @@ DEFAULTS = {
     "chunk_len": 128,
     "stride": None,
     "jtc_batch_size": 16,
+    # tuned lens: the recipe, its token budget and stream (see harness/tuned_training.py)
+    "recipe": "warm",
+    "token_budget": 16384,
+    "tuned_chunk_len": 256,
+    "tokens_per_step": 1024,
+    "warm_fit_tokens": 8192,
+    "tuned_loss": "kl",
+    "stop_at": None,
 }
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
                     "entropy": None, "r2": True}
@@ -115,7 +123,13 @@ class JTCTask(ConfigurableTask):
             "u": doc["u"],
             "batch_size": int(meta["jtc_batch_size"]),
         }
-        if meta["projector"] in FITTED:
+        if meta["projector"] == "tuned":
+            spec.update(fit_on=meta["fit_on"], recipe={
+                "name": meta["recipe"], "token_budget": int(meta["token_budget"]), "chunk_len": int(meta["tuned_chunk_len"]),
+                "tokens_per_step": int(meta["tokens_per_step"]), "warm_fit_tokens": int(meta["warm_fit_tokens"]),
+                "loss": meta["tuned_loss"], "stop_at": None if meta["stop_at"] in (None, "", "none") else float(meta["stop_at"]),
+                "seed": int(meta["seed"])})
+        elif meta["projector"] in FITTED:
             spec.update(fit_on=meta["fit_on"], n_fit=int(meta["n_fit"]), pairs=meta["pairs"])
         return Instance(
             request_type=handler.REQUEST_TYPE,

@@ -1,11 +1,12 @@
-"""Projector families by name. ``FITTED`` families need least-squares statistics of a fit corpus."""
+"""Projector families by name. Fitted families need a fit spec (the data and recipe they learn from)."""
 
 from .base import Projector
 from .identity import IdentityProjector
 from .least_squares import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 
-NAMES = ("id", "mat", "affine")
-FITTED = {"mat": False, "affine": True}  # name -> with intercept
+NAMES = ("id", "mat", "affine", "tuned")
+LEAST_SQUARES = {"mat": False, "affine": True}  # name -> with intercept
+FITTED = ("mat", "affine", "tuned")
 
-__all__ = ["FITTED", "NAMES", "GramAccumulator", "IdentityProjector", "LeastSquaresProjector", "Projector",
+__all__ = ["FITTED", "LEAST_SQUARES", "NAMES", "GramAccumulator", "IdentityProjector", "LeastSquaresProjector", "Projector",
            "choose_pair_mode", "fit_least_squares"]

@@ -1,0 +1,133 @@
+import pytest
+import torch
+from torch import nn
+
+import tiny
+from harness.engine import PROVENANCE, Engine, EvalRequest
+from harness.fitting import TunedSpec, get_tuned
+from harness.models import build_lens_model
+from harness.projectors import IdentityProjector
+from harness.projectors.tuned import TunedProjector, export_tuned_lens, import_tuned_lens
+from harness.corpora import get_corpus
+from harness.protocols import ProtocolConfig, build_items
+from harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
+
+SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
+
+
+def _lens(arch="llama", seed=0):
+    return build_lens_model(*tiny.build(arch, seed=seed))
+
+
+def test_zero_initialised_lens_is_the_identity():
+    lens = _lens()
+    states = torch.randn(4, 7, 32)
+    zero = TunedProjector.zeros(3, 32)
+    torch.testing.assert_close(zero.project(states, [0, 1, 2], 3), IdentityProjector().project(states, [0, 1, 2], 3))
+
+
+def test_training_lowers_the_loss():
+    lens = _lens()
+    recipe = TunedRecipe("tuned-lens", token_budget=64 * 12, lr=1.0, **SMALL)
+    _, info = TunedTrainer(lens, recipe, "wikipedia").train(progress=False)
+    curve = info["loss_curve"]
+    assert len(curve) == 12 and info["tokens_spent"] == 64 * 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3
+
+
+class AffineLast(nn.Module):
+    """A last block that is a known affine map of its input; the blocks before it are the model's own."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states @ self.weight.T + self.bias
+
+
+def test_warm_lens_recovers_a_known_affine_map():
+    model, tok = tiny.build("llama", layers=3, d=32)
+    gen = torch.Generator().manual_seed(0)
+    A = torch.eye(32) + 0.2 * torch.randn(32, 32, generator=gen)
+    c = 0.1 * torch.randn(32, generator=gen)
+    model.model.layers[2] = AffineLast(A, c)
+    lens = build_lens_model(model, tok)
+    recipe = TunedRecipe("warm", token_budget=256 + 64 * 3, weight_decay=0.0, **SMALL)
+    proj, info = TunedTrainer(lens, recipe, "news").train(progress=False)
+    # h_3 = A h_2 + c, so the layer-2 translator must be W = A - I, b = c
+    torch.testing.assert_close(proj.weight[2], A - torch.eye(32), atol=2e-3, rtol=0)
+    torch.testing.assert_close(proj.bias[2], c, atol=2e-3, rtol=0)
+    assert info["loss_curve"][0] < 1e-4  # already exact after the warm start: KL ~ 0 at layer 2 and small elsewhere
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    lens = _lens()
+    recipe = TunedRecipe("tuned-lens", token_budget=64 * 6, **SMALL)
+    full, info_full = TunedTrainer(lens, recipe, "news").train(progress=False)
+
+    calls = {"n": 0}
+    real_step = torch.optim.SGD.step
+
+    def step_then_crash(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("interrupted")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        TunedTrainer(lens, recipe, "news", checkpoint=tmp_path / "ckpt").train(progress=False)
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
+    resumed, info = TunedTrainer(lens, recipe, "news", checkpoint=tmp_path / "ckpt").train(progress=False)
+    assert info["steps"] == 6 and info["loss_curve"] == info_full["loss_curve"]
+    torch.testing.assert_close(resumed.weight, full.weight, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.bias, full.bias, rtol=0, atol=0)
+
+
+def test_nan_stops_with_layer_and_step():
+    model, tok = tiny.build("llama")
+    lens = build_lens_model(model, tok)
+    recipe = TunedRecipe("tuned-lens", token_budget=64 * 3, **SMALL)
+    trainer = TunedTrainer(lens, recipe, "news")
+    real = trainer._states
+
+    def poisoned(batch):
+        states = real(batch)
+        states[1, 0, 0] = float("nan")  # one NaN in layer 1's input
+        return states
+
+    trainer._states = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite kl loss .* at layer 1, step 0"):
+        trainer.train(progress=False)
+
+
+def test_export_import_round_trip(tmp_path):
+    lens = _lens()
+    gen = torch.Generator().manual_seed(1)
+    proj = TunedProjector(torch.randn(3, 32, 32, generator=gen), torch.randn(3, 32, generator=gen))
+    export_tuned_lens(proj, tmp_path / "lens", "tiny-llama", lens.unembed.weight)
+    assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["config.json", "params.pt"]
+    state = torch.load(tmp_path / "lens" / "params.pt", weights_only=True)
+    assert sorted(state)[:2] == ["0.bias", "0.weight"] and state["0.weight"].shape == (32, 32)
+    back = import_tuned_lens(tmp_path / "lens", 3, 32, lens.unembed.weight)
+    torch.testing.assert_close(back.weight, proj.weight)
+    torch.testing.assert_close(back.bias, proj.bias)
+    other = _lens(seed=5)
+    with pytest.raises(ValueError, match="another unembedding"):
+        import_tuned_lens(tmp_path / "lens", 3, 32, other.unembed.weight)
+    with pytest.raises(ValueError, match="d_model=32, 3 layers; the model has d_model=64"):
+        import_tuned_lens(tmp_path / "lens", 3, 64)
+
+
+def test_tuned_projector_through_the_engine_and_cache():
+    lens = _lens("qwen2")
+    protocol = ProtocolConfig("paper", seed=1)
+    spec = TunedSpec("wikipedia", TunedRecipe("warm", token_budget=256 + 64 * 2, **SMALL))
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=6)
+    responses = Engine(lens, batch_size=4).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
+    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    assert config["name"] == "tuned" and config["recipe"]["name"] == "warm" and config["tokens_spent"] == 384
+    assert config["cache"] == "miss" and "stopped_early" in config
+    _, info = get_tuned(lens, spec)
+    assert info["cache"] == "hit"
