@@ -82,7 +82,7 @@ class Engine:
                 if items.setdefault(item.item_id, item) != item:
                     raise ValueError(f"two requests name item {item.item_id} with different contents")
             keys = sorted({requests[i].projector_key for i in indices}, key=repr)
-            result = self._evaluate_group(group, list(items.values()), {k: projectors[k] for k in keys})
+            result = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys})
             for i in indices:
                 r = requests[i]
                 per_item, prov = result[r.projector_key]
@@ -120,7 +120,8 @@ class Engine:
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def _evaluate_group(self, group: tuple, items: list[Item], projectors: dict[tuple, Projector]) -> dict:
+    def evaluate_set(self, group: tuple, items: list[Item], projectors: dict[tuple, Projector]) -> dict:
+        """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol)."""
         distribution, split, protocol = group
         lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
         encoded = [encode(it, lens.tokenizer, protocol, lens.masked, self.max_length) for it in items]
