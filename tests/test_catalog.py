@@ -21,6 +21,6 @@ def test_list_reports_sizes_and_hashes(capsys):
     row = catalog.describe("wikipedia")
     assert row["documents"] > 100 and row["words"] > 400_000 and row["source_files"] == 1
     assert row["sentences_train"] > row["sentences_validation"] > 0
-    assert cli.main(["corpora", "list", "--markdown", "wikipedia"]) == 0
+    assert cli.main(["corpora", "list", "wikipedia", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| distribution |") and row["sources_sha256"] in out
