@@ -45,9 +45,8 @@ def main() -> int:
     parser.add_argument("--n-eval", type=int, default=500, help="validation items (paper protocol)")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    os.environ["JTC_CACHE"] = tempfile.mkdtemp(prefix="jtc-bench-")  # nothing cached: every time is a real fit
-
     folder = bundled.prepare(args.model) if args.model in bundled.MODELS else args.model
+    os.environ["JTC_CACHE"] = tempfile.mkdtemp(prefix="jtc-bench-")  # no fitted projector cached: every time is a real fit
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lens = build_lens_model(model, AutoTokenizer.from_pretrained(folder))
     protocol = ProtocolConfig("paper", seed=args.seed)
