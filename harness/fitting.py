@@ -113,8 +113,11 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
 class TunedSpec:
     fit_on: str
     recipe: "TunedRecipe"
+    import_from: str | None = None  # a lens saved by the tuned-lens package, used instead of training
 
     def as_dict(self) -> dict:
+        if self.import_from:
+            return {"imported_from": self.import_from}
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
@@ -125,6 +128,16 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None)
     from .tuned_training import TunedTrainer, stream_hash
 
     fingerprint = fingerprint or lens.fingerprint()
+    if spec.import_from:
+        from pathlib import Path
+
+        from .projectors.tuned import import_tuned_lens
+        from .store import sha256_file
+
+        folder = Path(spec.import_from).expanduser()
+        projector = import_tuned_lens(folder, lens.num_layers, lens.d_model, lens.unembed.weight)
+        return projector, {"imported_from": str(folder), "params_sha256": sha256_file(folder / "params.pt"),
+                           "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
     key = {
         "family": "tuned",
         "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},

@@ -131,3 +131,17 @@ def test_tuned_projector_through_the_engine_and_cache():
     assert config["cache"] == "miss" and "stopped_early" in config
     _, info = get_tuned(lens, spec)
     assert info["cache"] == "hit"
+
+
+def test_a_published_lens_is_evaluated_without_training(tmp_path):
+    lens = _lens("gpt2")
+    gen = torch.Generator().manual_seed(2)
+    proj = TunedProjector(0.01 * torch.randn(3, 32, 32, generator=gen), 0.01 * torch.randn(3, 32, generator=gen))
+    export_tuned_lens(proj, tmp_path / "published", "tiny-gpt2", lens.unembed.weight)
+    protocol = ProtocolConfig("paper", seed=4)
+    spec = TunedSpec("wikipedia", TunedRecipe("tuned-lens", token_budget=64, **SMALL), import_from=str(tmp_path / "published"))
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=3)
+    responses = Engine(lens).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
+    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
+    assert "tokens_spent" not in config

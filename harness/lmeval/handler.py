@@ -23,7 +23,7 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
     if spec["projector"] == "tuned":
         from ..tuned_training import TunedRecipe
 
-        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]))
+        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]), import_from=spec.get("import_from"))
     elif spec["projector"] in FITTED:
         fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"])
     return EvalRequest(

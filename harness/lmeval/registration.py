@@ -14,7 +14,7 @@ from pathlib import Path
 
 # jtc options accepted in --model_args; they reach the tasks through lm-eval's metadata merge.
 MODEL_ARG_OPTIONS = ("fit_on", "n_fit", "n_eval", "protocol", "seed", "pairs", "chunk_len", "stride", "jtc_batch_size",
-                     "recipe", "token_budget", "tuned_chunk_len", "tokens_per_step", "warm_fit_tokens", "tuned_loss", "stop_at")
+                     "recipe", "token_budget", "tuned_chunk_len", "tokens_per_step", "warm_fit_tokens", "tuned_loss", "stop_at", "tuned_lens_path")
 
 
 def tasks_dir() -> str:

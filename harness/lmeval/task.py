@@ -42,6 +42,7 @@ DEFAULTS = {
     "warm_fit_tokens": 8192,
     "tuned_loss": "kl",
     "stop_at": None,
+    "tuned_lens_path": None,  # evaluate a lens saved by the tuned-lens package instead of training one
 }
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
                     "entropy": None, "r2": True}
@@ -128,7 +129,7 @@ class JTCTask(ConfigurableTask):
                 "name": meta["recipe"], "token_budget": int(meta["token_budget"]), "chunk_len": int(meta["tuned_chunk_len"]),
                 "tokens_per_step": int(meta["tokens_per_step"]), "warm_fit_tokens": int(meta["warm_fit_tokens"]),
                 "loss": meta["tuned_loss"], "stop_at": None if meta["stop_at"] in (None, "", "none") else float(meta["stop_at"]),
-                "seed": int(meta["seed"])})
+                "seed": int(meta["seed"])}, import_from=meta["tuned_lens_path"] or None)
         elif meta["projector"] in FITTED:
             spec.update(fit_on=meta["fit_on"], n_fit=int(meta["n_fit"]), pairs=meta["pairs"])
         return Instance(
