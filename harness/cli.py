@@ -88,6 +88,12 @@ def _sweep(args) -> int:
     )
 
 
+def _leaderboard(args) -> int:
+    from leaderboard.build import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -120,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--seed", type=int)
     sweep.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="after --: further lm_eval arguments")
     sweep.set_defaults(func=_sweep)
+    leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results")
+    leaderboard.add_argument("results", nargs="+", help="folders holding results_*.json (searched recursively) or the files")
+    leaderboard.add_argument("-o", "--output", required=True, help="folder to write the site to (created if missing)")
+    leaderboard.add_argument("--alpha", type=float, default=0.05, help="family-wise error level of the Holm-corrected tests")
+    leaderboard.add_argument("--resamples", type=int, default=2000, help="bootstrap and permutation resamples per layer")
+    leaderboard.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    leaderboard.set_defaults(func=_leaderboard)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

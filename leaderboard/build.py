@@ -1,0 +1,247 @@
+"""Render the leaderboard: read runs, compute tables and paired tests, write static HTML pages.
+
+The site is a folder of self-contained pages (styles, charts and the sorting script inline), so it
+opens from file:// with no server and no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from . import read, svg, tables
+from .read import Problem
+
+TEMPLATES = Path(__file__).parent / "templates"
+ALPHA = 0.05
+N_RESAMPLES = 2000  # keeps a build to seconds; deep families get more (tables.resamples_for)
+CHARTS = (
+    ("p@1", "P@1", False, (0.0, 1.0),
+     "Share of items where the projector's top token is the model's own top-1 prediction (higher is better)."),
+    ("surprisal", "surprisal (bits)", False, (0.0, None),
+     "Surprisal under the model's final distribution of the projector's top token, −log₂ p(argmax q) (lower is better)."),
+    ("kl", "KL (bits, log scale)", True, (None, None),
+     "KL(p ‖ q) from the model's final distribution p to the projector's q, in bits, on a logarithmic axis (lower is better)."),
+)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    pages: list[Path]
+    warnings: list[Problem]
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting filters
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v != 0 and abs(v) < 10 ** -digits:
+        return f"{v:.1e}"
+    return f"{v:,.{digits}f}".replace("-", "−")
+
+
+def fmt_p(p: float) -> str:
+    if p < 1e-4:
+        return "< 0.0001"
+    return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def signed(v: float, digits: int = 3) -> str:
+    return ("+" if v > 0 else "") + fmt(v, digits)
+
+
+def short_hash(h, n: int = 12) -> str:
+    return h[:n] + "…" if isinstance(h, str) and len(h) > n else str(h if h is not None else "–")
+
+
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, fmt_p=fmt_p, signed=signed, short_hash=short_hash,
+                       as_json=lambda v: json.dumps(v, indent=1, sort_keys=True, default=str))
+    env.globals.update(TITLES=tables.TITLES, unit=tables.unit, scale=tables.scale, model_label=tables.display_name)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Charts
+
+
+def _series(tasks: list[read.TaskRun], metric: str, fit_labels: bool) -> list[svg.Series]:
+    out = []
+    factor = tables.scale(metric)
+    for k, t in enumerate(tasks):
+        L = t.num_layers
+        label = t.fit_label if fit_labels else t.label
+        ys = [v * factor for v in t.layers[metric]]
+        u = tables.unit(metric)
+        tips = [f"{label}, layer {l} (depth {l / L:.2f}): {y:.4g}{' ' + u if u else ''}" for l, y in enumerate(ys)]
+        out.append(svg.Series(label=label, xs=[l / L for l in range(L)], ys=ys, tips=tips, projector=t.projector,
+                              variant=t.transfer, index=k))
+    return out
+
+
+def _marks(families: list[tables.Family], metric: str) -> list[svg.MarkRow]:
+    rows = []
+    for f in families:
+        if f.metric != metric:
+            continue
+        label = f.short
+        if f.error:
+            rows.append(svg.MarkRow(label=label, xs=[], note="not tested: items differ or samples missing (see below)"))
+            continue
+        L = f.a.num_layers
+        sig = [r for r in f.rows if r.significant]
+        rows.append(svg.MarkRow(
+            label=label, xs=[int(r.layer) / L for r in sig],
+            tips=[f"layer {r.layer}: {f.a_label} − {f.b_label} {signed(r.diff * f.factor)} (p_holm {fmt_p(r.p_holm)}, {r.test})" for r in sig]))
+    return rows
+
+
+def metric_charts(tasks: list[read.TaskRun], families: list[tables.Family], context: str,
+                  fit_labels: bool = False) -> list[dict]:
+    charts = []
+    for metric, y_label, log, y_range, caption in CHARTS:
+        chart = svg.line_chart(_series(tasks, metric, fit_labels), title=f"{tables.TITLES[metric]} against relative depth, {context}",
+                               y_label=y_label, y_log=log, y_range=y_range, marks=_marks(families, metric))
+        charts.append({"metric": metric, "title": y_label, "svg": chart, "caption": caption})
+    return charts
+
+
+def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
+    labels, rows = tables.r2_by_projector(tasks)
+    L = tasks[0].num_layers
+    out = [{
+        "title": "r² of the projected state against the last layer's state, by source layer",
+        "svg": svg.heatmap(rows, labels, [str(l) for l in range(L)], title="r² by layer and projector",
+                           x_label=f"source layer l (target: layer {L}, the last block's output)"),
+        "pairwise": False,
+    }]
+    for t in tasks:
+        matrix = tables.r2_pairwise(t)
+        if matrix is None:
+            continue
+        src, dst, values = matrix
+        out.append({
+            "title": f"r² of {t.label} from every layer l to every later layer l′",
+            "svg": svg.heatmap(values, [f"l = {s}" for s in src], [str(d) for d in dst], title=f"r² layer to layer, {t.label}",
+                               x_label="target layer l′", y_label="source layer l", cell=14, label_width=60),
+            "pairwise": True,
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Site
+
+
+def _family_data(f: tables.Family) -> dict:
+    return {"model": f.model, "distribution": f.distribution, "metric": f.metric, "a": f.a_label, "b": f.b_label,
+            "a_run": str(f.a.results_file), "b_run": str(f.b.results_file), "alpha": f.alpha, "correction": "holm",
+            "n_resamples": f.n_resamples,
+            "error": f.error, "layers": [r.to_dict() for r in f.rows]}
+
+
+def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
+               seed: int = 0, stream=None) -> BuildResult:
+    """Build the site from lm-eval output folders; problems become warnings (stderr and index), not failures."""
+    start = time.perf_counter()
+    stream = sys.stderr if stream is None else stream
+    out = Path(out_dir)
+    loaded = read.load(paths)
+    warnings = list(loaded.warnings)
+    all_models = tables.models(loaded.tasks)
+    cache = read.SampleCache()
+    env = environment()
+    common = {"alpha": alpha, "n_resamples": n_resamples, "models": all_models, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    families_out = []
+    model_pages = []
+    for m in all_models:
+        sections = []
+        for dist in m.distributions:
+            tasks = m.in_distribution(dist)
+            if not tasks:
+                continue  # only transfer runs here; they are on the transfer page
+            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+            for f in fams:
+                families_out.append(_family_data(f))
+                if f.error:
+                    warnings.append(Problem(str(f.a.samples_file or f.a.results_file),
+                                             f"comparison {f.a_label} vs {f.b_label}, {f.metric}, {m.name} on {dist}: {f.error}"))
+            sections.append({
+                "distribution": dist, "tasks": tasks, "families": fams,
+                "charts": metric_charts(tasks, fams, f"{m.name} on {dist}"), "heatmaps": r2_heatmaps(tasks),
+                "metrics": [k for k in read.ALL_METRICS if all(k in t.layers for t in tasks)],
+            })
+        model_pages.append((m, sections))
+
+    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+    transfer_views = []
+    for tr in transfers:
+        shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
+        for f in tr.families:
+            families_out.append(_family_data(f))
+            if f.error:
+                warnings.append(Problem(str(f.a.samples_file or f.a.results_file),
+                                         f"comparison {f.a_label} vs {f.b_label}, {f.metric}, {tr.model.name} on {f.distribution}: {f.error}"))
+        transfer_views.append({"t": tr, "charts": metric_charts(shown, tr.families, f"{tr.model.name} on {tr.task.distribution}",
+                                                                fit_labels=True)})
+
+    for w in warnings:
+        print(f"jtc leaderboard: warning: {w}", file=stream)
+
+    out.mkdir(parents=True, exist_ok=True)
+    pages = []
+
+    def write(name: str, template: str, **ctx) -> None:
+        path = out / name
+        path.write_text(env.get_template(template).render(page=name, **common, **ctx), encoding="utf-8")
+        pages.append(path)
+
+    write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
+          superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
+    for m, sections in model_pages:
+        write(m.page, "model.html.j2", model=m, sections=sections)
+    write("transfer.html", "transfer.html.j2", transfers=transfer_views)
+    runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
+    write("runs.html", "runs.html.j2", runs=runs)
+    data = {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "families": families_out,
+            "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
+    (out / "comparisons.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = build_site(args.results, args.output, alpha=args.alpha, n_resamples=args.resamples, seed=args.seed)
+    if not any(p.name.startswith("model-") for p in result.pages):
+        print("jtc leaderboard: no usable results; the index lists the problems", file=sys.stderr)
+        return 1
+    print(f"{result.out_dir / 'index.html'} ({len(result.pages)} pages, {len(result.warnings)} warning(s), "
+          f"{result.seconds:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m leaderboard.build ...``: the same as ``jtc leaderboard ...``, whose parser defines the options."""
+    from harness.cli import main as jtc
+
+    return jtc(["leaderboard", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Finding, validating and loading lm-eval output folders (``results_*.json`` and their ``samples_*.jsonl``).
+
+Every problem is reported as a warning that names the file (and task) it comes from; a bad file or
+task is left out and the rest still loads, so one broken run never hides the others.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Metrics the site reads per layer; the first four are required (ranked, charted or tested).
+REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
+OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy")
+ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2")  # display order
+NATS = ("surprisal", "kl", "xent", "entropy")  # natural-log metrics, shown in bits
+FITTED = ("mat", "affine", "tuned")
+
+_TASK = re.compile(r"^(?:custom_)?jtc_(?P<projector>[A-Za-z0-9]+)(?:_(?P<distribution>.+))?$")
+_PAIRWISE = re.compile(r"^r2\.L(?P<src>\d+)\.L(?P<dst>\d+),none$")
+_STAMP = re.compile(r"^results_(?P<stamp>.+)\.json$")
+
+
+@dataclass
+class Problem:
+    """A problem with one file: shown on the index and printed to stderr."""
+
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+@dataclass
+class TaskRun:
+    """One task of one results file: a projector scored at every layer of one model on one distribution."""
+
+    task: str
+    projector: str
+    distribution: str
+    fit_on: str | None  # the fit distribution of a fitted projector, None for an unfitted one (id)
+    model_key: str
+    model_name: str  # the name as recorded
+    num_layers: int
+    d_model: int | None
+    vocab_size: int | None
+    n_params: int | None
+    params_estimated: bool
+    items: int
+    means: dict[str, float]
+    mean_stderr: dict[str, float | None]
+    layers: dict[str, list[float]]
+    stderr: dict[str, list[float | None]]
+    pairwise_r2: dict[tuple[int, int], float]
+    provenance: dict
+    results_file: Path
+    samples_file: Path | None
+    date: float  # sort key for "newest"
+    date_text: str
+    run_id: str
+    lm_eval_version: str | None
+    superseded_by: TaskRun | None = None
+
+    @property
+    def transfer(self) -> bool:
+        return self.fit_on is not None and self.fit_on != self.distribution
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.run_id}-{_slug(self.task)}"
+
+    @property
+    def fit_items(self) -> int | None:
+        pconf = self.provenance.get("projector_config")
+        return (pconf.get("fit_items") or pconf.get("n_fit")) if isinstance(pconf, dict) else None
+
+    @property
+    def fit_label(self) -> str:
+        """Projector name with its fit distribution whenever it has one (for views that mix fits)."""
+        return f"{self.projector} (fit on {self.fit_on})" if self.fit_on else self.projector
+
+    @property
+    def label(self) -> str:
+        """Projector name, with its fit distribution when that is not the evaluated one."""
+        return f"{self.projector} (fit on {self.fit_on})" if self.transfer else self.projector
+
+
+@dataclass
+class Run:
+    """One results file."""
+
+    results_file: Path
+    run_id: str
+    date: float
+    date_text: str
+    model_name: str | None
+    lm_eval_version: str | None
+    tasks: list[TaskRun] = field(default_factory=list)
+
+
+@dataclass
+class Loaded:
+    runs: list[Run]
+    tasks: list[TaskRun]  # the newest run of every (model, projector, distribution, fit distribution)
+    superseded: list[TaskRun]
+    warnings: list[Problem]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def results_files(paths: list[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """Every ``results_*.json`` under the given folders (or the files themselves), each once."""
+    found: dict[Path, None] = {}
+    warnings = []
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            found[path.resolve()] = None
+        elif path.is_dir():
+            hits = sorted(glob.glob(str(path / "**" / "results_*.json"), recursive=True))
+            if not hits:
+                warnings.append(Problem(str(path), "no results_*.json below this folder"))
+            for h in hits:
+                found[Path(h).resolve()] = None  # a folder given twice (or nested) counts once
+        else:
+            warnings.append(Problem(str(path), "no such file or folder"))
+    return list(found), warnings
+
+
+def _finite(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _maybe_number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _parse_date(text) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _model_key(model: dict) -> str:
+    if isinstance(model.get("id"), str) and model["id"]:
+        return _slug(model["id"])
+    # no recorded id: name and shape are the best identity available
+    raw = json.dumps([model.get("name"), model.get("num_layers"), model.get("d_model")], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _estimate_params(num_layers: int, d_model: int | None, vocab: int | None) -> int | None:
+    # about 12 d^2 per block (attention 4 d^2, MLP 8 d^2) plus one embedding matrix
+    if not d_model:
+        return None
+    return 12 * num_layers * d_model * d_model + (vocab or 0) * d_model
+
+
+def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) -> TaskRun:
+    if not isinstance(res, dict):
+        raise ValueError("its results entry is not an object")
+    meta = config.get("metadata") if isinstance(config, dict) else None
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(prov, dict):
+        raise ValueError("configs.<task>.metadata.provenance is missing (not a jtc-lens run, or an incomplete one)")
+    model = prov.get("model")
+    if not isinstance(model, dict):
+        raise ValueError("provenance.model is missing")
+    L = model.get("num_layers")
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"provenance.model.num_layers is {L!r}, not a positive integer")
+    m = _TASK.match(task)
+    projector = meta.get("projector") or (m["projector"] if m else None)
+    distribution = prov.get("distribution") or meta.get("distribution") or (m["distribution"] if m else None)
+    if not projector or not distribution:
+        raise ValueError("cannot tell the projector and distribution (neither metadata nor the task name give them)")
+    pconf = prov.get("projector_config") if isinstance(prov.get("projector_config"), dict) else {}
+    fit_on = pconf.get("fit_on") or (meta.get("fit_on") if projector in FITTED else None)
+
+    missing: list[str] = []
+    layers: dict[str, list[float]] = {}
+    stderr: dict[str, list[float | None]] = {}
+    means: dict[str, float] = {}
+    mean_stderr: dict[str, float | None] = {}
+    for metric in REQUIRED_METRICS + OPTIONAL_METRICS:
+        keys = [f"{metric}.L{l},none" for l in range(L)] + [f"{metric},none"]
+        absent = [k for k in keys if k not in res]
+        if absent:
+            if metric in REQUIRED_METRICS:
+                missing += absent
+            continue
+        values = [_finite(res[k], f"{k!r}") for k in keys]
+        layers[metric], means[metric] = values[:-1], values[-1]
+        stderr[metric] = [_maybe_number(res.get(f"{metric}.L{l}_stderr,none")) for l in range(L)]
+        mean_stderr[metric] = _maybe_number(res.get(f"{metric}_stderr,none"))
+    if missing:
+        raise ValueError(f"partial results: {len(missing)} metric value(s) missing for {L} layers, e.g. {', '.join(missing[:3])}")
+    pairwise = {}
+    for key, value in res.items():
+        pm = _PAIRWISE.match(key)
+        if pm:
+            pairwise[(int(pm["src"]), int(pm["dst"]))] = _finite(value, f"{key!r}")
+
+    items = prov.get("items")
+    if not isinstance(items, int) or isinstance(items, bool):
+        items = (data.get("n-samples", {}).get(task, {}) or {}).get("effective")
+    if not isinstance(items, int):
+        raise ValueError("the number of items is recorded neither in provenance.items nor in n-samples")
+
+    n_params = (data.get("config") or {}).get("model_num_parameters")
+    estimated = not (isinstance(n_params, int) and n_params > 0)
+    if estimated:
+        n_params = _estimate_params(L, model.get("d_model"), model.get("vocab_size"))
+
+    stamp = _STAMP.match(path.name)
+    samples = path.parent / f"samples_{task}_{stamp['stamp']}.jsonl" if stamp else None
+    date = _parse_date(prov.get("date"))
+    return TaskRun(
+        task=task, projector=str(projector), distribution=str(distribution), fit_on=str(fit_on) if fit_on else None,
+        model_key=_model_key(model), model_name=str(model.get("name") or data.get("model_name") or "unnamed model"),
+        num_layers=L, d_model=model.get("d_model"), vocab_size=model.get("vocab_size"),
+        n_params=n_params, params_estimated=estimated and n_params is not None, items=items,
+        means=means, mean_stderr=mean_stderr, layers=layers, stderr=stderr, pairwise_r2=pairwise, provenance=prov,
+        results_file=path, samples_file=samples if samples and samples.is_file() else None,
+        # the run's own start time orders runs; the task's provenance date stands in when it is absent
+        date=run.date if run.date else (date or 0.0), date_text=str(prov.get("date") or run.date_text),
+        run_id=run.run_id, lm_eval_version=run.lm_eval_version,
+    )
+
+
+def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
+    """One results file: its valid jtc tasks, and a warning (naming the file) for everything else."""
+    name = str(path)
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(name, f"cannot be read ({exc})")]
+    except json.JSONDecodeError as exc:
+        return None, [Problem(name, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); file skipped")]
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or not isinstance(data.get("configs"), dict):
+        return None, [Problem(name, "is not an lm-eval results file (needs 'results' and 'configs' objects); file skipped")]
+    run_date = _maybe_number(data.get("date"))
+    run = Run(
+        results_file=path,
+        run_id="run-" + hashlib.sha256(name.encode()).hexdigest()[:10],
+        date=run_date or 0.0,
+        date_text=_dt.datetime.fromtimestamp(run_date, _dt.timezone.utc).replace(microsecond=0).isoformat() if run_date else "unknown",
+        model_name=data.get("model_name"),
+        lm_eval_version=data.get("lm_eval_version"),
+    )
+    warnings = []
+    for task, res in sorted(data["results"].items()):
+        if not _TASK.match(task):
+            continue  # other lm-eval tasks may share a run; they are not ours to show
+        try:
+            run.tasks.append(_task(task, res, data["configs"].get(task), data, path, run))
+        except (ValueError, TypeError, AttributeError) as exc:
+            warnings.append(Problem(name, f"task {task}: {exc}; task skipped"))
+    for t in run.tasks:
+        if t.samples_file is None:
+            warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
+                                           "--log_samples); its paired tests are not computed"))
+    if not run.tasks and not warnings:
+        warnings.append(Problem(name, "holds no jtc tasks"))
+    return run, warnings
+
+
+def load(paths: list[str | Path]) -> Loaded:
+    """All runs under ``paths``; of several runs of the same (model, projector, distribution, fit distribution), the newest."""
+    files, warnings = results_files(paths)
+    runs = []
+    for f in files:
+        run, problems = read_results(f)
+        warnings += problems
+        if run is not None:
+            runs.append(run)
+    newest: dict[tuple, TaskRun] = {}
+    for run in runs:
+        for t in run.tasks:
+            key = (t.model_key, t.projector, t.distribution, t.fit_on)
+            if key not in newest or (t.date, str(t.results_file)) > (newest[key].date, str(newest[key].results_file)):
+                newest[key] = t
+    superseded = []
+    for run in runs:
+        for t in run.tasks:
+            kept = newest[(t.model_key, t.projector, t.distribution, t.fit_on)]
+            if kept is not t:
+                t.superseded_by = kept
+                superseded.append(t)
+    return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item values
+
+
+@dataclass
+class Samples:
+    ids: list[str]
+    values: dict[str, dict[int, np.ndarray]]  # metric -> layer -> per-item values, in ``ids`` order
+
+
+class SampleCache:
+    """Per-item values read once per samples file and metric set during one build."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Path, tuple[str, ...]], Samples] = {}
+
+    def get(self, task: TaskRun, metrics: tuple[str, ...]) -> Samples:
+        key = (task.samples_file, metrics)
+        if key not in self._cache:
+            self._cache[key] = load_samples(task, metrics)
+        return self._cache[key]
+
+
+def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
+    """Per-item values of ``metrics`` at every layer, keyed by the item id in each line's ``doc``.
+
+    Raises ValueError naming the file for a missing file, an unreadable line, or a line without
+    an item id or a metric value: a comparison cannot quietly drop items.
+    """
+    if task.samples_file is None:
+        raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
+    ids: list[str] = []
+    columns = {m: [[] for _ in range(task.num_layers)] for m in metrics}
+    with task.samples_file.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = row["doc"]["item_id"]
+                for m in metrics:
+                    for l in range(task.num_layers):
+                        columns[m][l].append(float(row[f"{m}.L{l}"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{task.samples_file}, line {lineno}: unusable sample ({type(exc).__name__}: {exc})") from None
+            ids.append(item)
+    if len(ids) != task.items:
+        raise ValueError(f"{task.samples_file}: {len(ids)} samples, but the results file reports {task.items} items")
+    return Samples(ids=ids, values={m: {l: np.asarray(v) for l, v in enumerate(cols)} for m, cols in columns.items()})

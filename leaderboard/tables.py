@@ -1,0 +1,304 @@
+"""What the pages show, computed from loaded runs: rankings, per-layer series, paired comparisons, transfer.
+
+Paired tests come from ``harness.stats.compare``: one family is one (model, distribution, metric,
+projector pair) over its layers, Holm-corrected at ``alpha``. Items are paired by the item id
+recorded in each sample's ``doc``; different item sets make that comparison an error, never a join.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from harness.stats import LayerComparison, compare
+
+from .read import NATS, SampleCache, TaskRun
+
+LN2 = math.log(2.0)
+COMPARED = ("p@1", "surprisal", "kl")  # the charted metrics; each gets its own families
+PAIRS = (("mat", "id"), ("affine", "mat"), ("tuned", "mat"))  # (A, B): the difference is A - B
+PROJECTOR_ORDER = ("id", "mat", "affine", "tuned")
+HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
+                    "entropy": None, "r2": True}
+TITLES = {"p@1": "P@1", "p@5": "P@5", "p@10": "P@10", "surprisal": "surprisal", "kl": "KL", "xent": "cross-entropy",
+          "entropy": "entropy", "r2": "r²"}
+
+
+def scale(metric: str) -> float:
+    """Factor from the stored unit to the shown one: natural-log metrics are shown in bits."""
+    return 1.0 / LN2 if metric in NATS else 1.0
+
+
+def unit(metric: str) -> str:
+    return "bits" if metric in NATS else ""
+
+
+def projector_sort_key(name: str) -> tuple:
+    return (PROJECTOR_ORDER.index(name) if name in PROJECTOR_ORDER else len(PROJECTOR_ORDER), name)
+
+
+def display_name(task: TaskRun) -> str:
+    """A short model name: the bundled model's name, else the recorded name (last folder of a local path)."""
+    record = task.provenance.get("model_record")
+    if isinstance(record, dict) and record.get("name"):
+        return str(record["name"])
+    name = task.model_name
+    if name.startswith("/"):
+        return PurePosixPath(name.rstrip("/")).name or name  # a local folder: its own name says more than the path
+    return name
+
+
+def human_params(n: int | None, estimated: bool) -> str:
+    if not n:
+        return "unknown"
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            text = f"{n / size:.3g}{suffix}"
+            break
+    else:
+        text = str(n)
+    return ("≈ " if estimated else "") + text
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class Model:
+    key: str
+    name: str
+    page: str
+    num_layers: int
+    d_model: int | None
+    vocab_size: int | None
+    n_params: int | None
+    params_estimated: bool
+    record: dict | None
+    tasks: list[TaskRun] = field(default_factory=list)
+
+    @property
+    def params_text(self) -> str:
+        return human_params(self.n_params, self.params_estimated)
+
+    @property
+    def distributions(self) -> list[str]:
+        return sorted({t.distribution for t in self.tasks})
+
+    def in_distribution(self, distribution: str) -> list[TaskRun]:
+        """The runs of one evaluated distribution whose projector was fitted on it (or needs no fit)."""
+        return sorted((t for t in self.tasks if t.distribution == distribution and not t.transfer),
+                      key=lambda t: projector_sort_key(t.projector))
+
+
+def models(tasks: list[TaskRun]) -> list[Model]:
+    by_key: dict[str, Model] = {}
+    for t in tasks:
+        if t.model_key not in by_key:
+            record = t.provenance.get("model_record")
+            by_key[t.model_key] = Model(
+                key=t.model_key, name=display_name(t), page=f"model-{t.model_key}.html", num_layers=t.num_layers,
+                d_model=t.d_model, vocab_size=t.vocab_size, n_params=t.n_params, params_estimated=t.params_estimated,
+                record=record if isinstance(record, dict) else None)
+        by_key[t.model_key].tasks.append(t)
+    out = sorted(by_key.values(), key=lambda m: (m.n_params or 0, m.name))
+    names = defaultdict(list)
+    for m in out:
+        names[m.name].append(m)
+    for same in names.values():
+        if len(same) > 1:  # two different models under one name: tell them apart by their recorded id
+            for m in same:
+                m.name = f"{m.name} ({m.key[:8]})"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking
+
+
+@dataclass
+class RankRow:
+    model: Model
+    distribution: str
+    task: TaskRun
+    rank_p1: int
+    rank_kl: int
+    p1: float
+    p1_stderr: float | None
+    kl_bits: float
+    kl_bits_stderr: float | None
+
+
+def rankings(all_models: list[Model]) -> list[RankRow]:
+    """Projectors of each (model, distribution), ranked by layer-averaged P@1 (and, separately, KL)."""
+    rows = []
+    for m in all_models:
+        for dist in m.distributions:
+            group = m.in_distribution(dist)
+            by_p1 = sorted(group, key=lambda t: -t.means["p@1"])
+            by_kl = sorted(group, key=lambda t: t.means["kl"])
+            for t in by_p1:
+                se = t.mean_stderr.get("kl")
+                rows.append(RankRow(
+                    model=m, distribution=dist, task=t, rank_p1=by_p1.index(t) + 1, rank_kl=by_kl.index(t) + 1,
+                    p1=t.means["p@1"], p1_stderr=t.mean_stderr.get("p@1"),
+                    kl_bits=t.means["kl"] / LN2, kl_bits_stderr=se / LN2 if se is not None else None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparisons
+
+
+@dataclass
+class Family:
+    """A versus B on one metric over the layers of one model and distribution (one Holm family)."""
+
+    model: str
+    distribution: str
+    metric: str
+    a: TaskRun
+    b: TaskRun
+    alpha: float
+    n_resamples: int = 0
+    rows: list[LayerComparison] = field(default_factory=list)
+    error: str | None = None
+    a_label: str = ""
+    b_label: str = ""
+    short: str = ""  # the pair's name in a chart's significance strip
+
+    def __post_init__(self) -> None:
+        self.a_label = self.a_label or self.a.label
+        self.b_label = self.b_label or self.b.label
+        self.short = self.short or f"{self.a_label} vs {self.b_label}"
+
+    @property
+    def description(self) -> str:
+        return (f"family: {self.model}, {self.distribution}, {TITLES[self.metric]}, {self.a_label} vs {self.b_label} "
+                f"over {self.a.num_layers} layers; Holm at α = {self.alpha:g}")
+
+    @property
+    def test(self) -> str:
+        return self.rows[0].test if self.rows else ""
+
+    @property
+    def significant_layers(self) -> list[int]:
+        return [int(r.layer) for r in self.rows if r.significant]
+
+    @property
+    def factor(self) -> float:
+        return scale(self.metric)
+
+    def better(self, row: LayerComparison) -> str:
+        """Which side the difference favours, given the metric's direction."""
+        hib = HIGHER_IS_BETTER.get(self.metric)
+        if hib is None or row.diff == 0:
+            return ""
+        return self.a_label if (row.diff > 0) == hib else self.b_label
+
+
+def resamples_for(n_layers: int, alpha: float, requested: int) -> int:
+    """Resamples for a family of ``n_layers``: at least enough that Holm can reach ``alpha``.
+
+    A sign-flip p-value cannot fall below 2 / (n + 1), and Holm compares the smallest of m
+    p-values with alpha / m; with too few resamples no layer of a deep model could ever be
+    significant. Twice the bare minimum leaves room for more than one layer to pass.
+    """
+    return max(requested, math.ceil(4 * n_layers / alpha))
+
+
+def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, *, alpha: float,
+           n_resamples: int, seed: int, **labels: str) -> Family:
+    fam = Family(model=model, distribution=a.distribution, metric=metric, a=a, b=b, alpha=alpha,
+                 n_resamples=resamples_for(a.num_layers, alpha, n_resamples), **labels)
+    try:
+        if a.num_layers != b.num_layers:
+            raise ValueError(f"{a.task} has {a.num_layers} layers and {b.task} {b.num_layers}")
+        sa, sb = cache.get(a, COMPARED), cache.get(b, COMPARED)
+        fam.rows = compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
+                           n_resamples=fam.n_resamples, seed=seed)
+    except ValueError as exc:
+        fam.error = (f"{fam.a_label} ({a.samples_file or a.results_file}) vs {fam.b_label} "
+                     f"({b.samples_file or b.results_file}): {exc}")
+    return fam
+
+
+def comparisons(m: Model, distribution: str, cache: SampleCache, *, alpha: float, n_resamples: int,
+                seed: int) -> list[Family]:
+    present = {t.projector: t for t in m.in_distribution(distribution)}
+    out = []
+    for metric in COMPARED:
+        for a, b in PAIRS:
+            if a in present and b in present:
+                out.append(family(m.name, present[a], present[b], metric, cache, alpha=alpha,
+                                  n_resamples=n_resamples, seed=seed))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer
+
+
+@dataclass
+class Transfer:
+    """A fitted projector evaluated on a distribution other than the one it was fitted on."""
+
+    model: Model
+    task: TaskRun
+    in_dist: TaskRun | None  # the same projector fitted on the evaluated distribution, when run
+    baseline: TaskRun | None  # id on the same distribution, when run
+    families: list[Family] = field(default_factory=list)
+
+    @property
+    def fit_sizes_differ(self) -> bool:
+        return self.in_dist is not None and self.task.fit_items != self.in_dist.fit_items
+
+    def delta(self, metric: str) -> float | None:
+        if self.in_dist is None:
+            return None
+        return (self.task.means[metric] - self.in_dist.means[metric]) * scale(metric)
+
+
+def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int) -> list[Transfer]:
+    out = []
+    for m in all_models:
+        for t in sorted((t for t in m.tasks if t.transfer), key=lambda t: (t.distribution, projector_sort_key(t.projector), t.fit_on)):
+            same = [u for u in m.tasks if u.distribution == t.distribution and not u.transfer]
+            in_dist = next((u for u in same if u.projector == t.projector), None)
+            baseline = next((u for u in same if u.projector == "id"), None)
+            tr = Transfer(model=m, task=t, in_dist=in_dist, baseline=baseline)
+            if in_dist is not None:
+                tr.families = [family(m.name, t, in_dist, metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                                      a_label=t.fit_label, b_label=in_dist.fit_label, short="vs in-dist. fit")
+                               for metric in COMPARED]
+            out.append(tr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# r^2 matrices
+
+
+def r2_by_projector(tasks: list[TaskRun]) -> tuple[list[str], list[list[float | None]]]:
+    """Rows of r^2 from each layer to the last, per projector, and the same without position-0 items where recorded."""
+    labels, rows = [], []
+    for t in tasks:
+        labels.append(t.label)
+        rows.append(list(t.layers["r2"]))
+    for t in tasks:
+        alt = t.provenance.get("r2_by_layer_without_position_0")
+        if isinstance(alt, list) and len(alt) == t.num_layers and all(isinstance(v, (int, float)) for v in alt):
+            labels.append(f"{t.label}, no pos-0 items")
+            rows.append([float(v) for v in alt])
+    return labels, rows
+
+
+def r2_pairwise(t: TaskRun) -> tuple[list[int], list[int], list[list[float | None]]] | None:
+    """The full source-by-target r^2 matrix when a results file records ``r2.L{l}.L{m}`` keys."""
+    if not t.pairwise_r2:
+        return None
+    src = sorted({s for s, _ in t.pairwise_r2})
+    dst = sorted({d for _, d in t.pairwise_r2})
+    return src, dst, [[t.pairwise_r2.get((s, d)) for d in dst] for s in src]
