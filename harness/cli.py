@@ -75,7 +75,8 @@ def _sweep(args) -> int:
     from .sweep import run_sweep
 
     metadata = json.loads(args.metadata) if args.metadata else {}
-    for key in ("n_eval", "n_fit", "fit_on", "protocol", "seed"):
+    for key in ("n_eval", "n_fit", "fit_on", "protocol", "seed", "recipe", "token_budget", "tokens_per_step",
+                "tuned_chunk_len", "warm_fit_tokens"):
         value = getattr(args, key)
         if value is not None:
             metadata[key] = value
@@ -85,7 +86,30 @@ def _sweep(args) -> int:
         output_path=Path(args.output_path),
         metadata=metadata,
         extra=args.lm_eval_args,
+        site=None if args.no_leaderboard else Path(args.site or Path(args.output_path) / "leaderboard"),
     )
+
+
+def _tuned(args) -> int:
+    """Train (or take from the cache) a tuned lens and write it in the tuned-lens package's format."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import bundled
+    from .fitting import TunedSpec, get_tuned
+    from .models import build_lens_model
+    from .projectors.tuned import export_tuned_lens
+    from .tuned_training import TunedRecipe
+
+    folder = str(bundled.prepare(args.model)) if args.model in bundled.MODELS else args.model
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lens = build_lens_model(model, AutoTokenizer.from_pretrained(folder))
+    recipe = TunedRecipe(args.recipe, token_budget=args.token_budget, chunk_len=args.tuned_chunk_len,
+                         tokens_per_step=args.tokens_per_step, warm_fit_tokens=args.warm_fit_tokens, seed=args.seed)
+    projector, info = get_tuned(lens, TunedSpec(args.fit_on, recipe))
+    export_tuned_lens(projector, Path(args.out), args.model, lens.unembed.weight)
+    print(f"{args.out}: tuned lens ({recipe.name}, {info.get('tokens_spent')} tokens, cache {info.get('cache')})")
+    return 0
 
 
 def _leaderboard(args) -> int:
@@ -124,8 +148,27 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--fit-on", dest="fit_on", help="fit distribution (transfer); default: the evaluated one")
     sweep.add_argument("--protocol", choices=["paper", "dense"])
     sweep.add_argument("--seed", type=int)
+    sweep.add_argument("--recipe", choices=["tuned-lens", "warm"], help="tuned lens recipe")
+    sweep.add_argument("--token-budget", dest="token_budget", type=int, help="tuned lens: training tokens")
+    sweep.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, help="tuned lens: tokens per SGD step")
+    sweep.add_argument("--tuned-chunk-len", dest="tuned_chunk_len", type=int, help="tuned lens: chunk length")
+    sweep.add_argument("--warm-fit-tokens", dest="warm_fit_tokens", type=int, help="tuned lens, warm: tokens of the affine start")
+    sweep.add_argument("--site", help="leaderboard folder (default OUTPUT_PATH/leaderboard)")
+    sweep.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
     sweep.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="after --: further lm_eval arguments")
     sweep.set_defaults(func=_sweep)
+    tuned = sub.add_parser("tuned", help="export a tuned lens (trained, or from the cache) in the tuned-lens package's format")
+    tuned.add_argument("action", choices=["export"])
+    tuned.add_argument("--model", required=True, help="bundled name, hub name or local folder")
+    tuned.add_argument("--fit-on", dest="fit_on", default="wikipedia")
+    tuned.add_argument("--out", required=True, help="folder for config.json and params.pt")
+    tuned.add_argument("--recipe", choices=["tuned-lens", "warm"], default="warm")
+    tuned.add_argument("--token-budget", dest="token_budget", type=int, default=16384)
+    tuned.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, default=1024)
+    tuned.add_argument("--tuned-chunk-len", dest="tuned_chunk_len", type=int, default=256)
+    tuned.add_argument("--warm-fit-tokens", dest="warm_fit_tokens", type=int, default=8192)
+    tuned.add_argument("--seed", type=int, default=1234)
+    tuned.set_defaults(func=_tuned)
     leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results")
     leaderboard.add_argument("results", nargs="+", help="folders holding results_*.json (searched recursively) or the files")
     leaderboard.add_argument("-o", "--output", required=True, help="folder to write the site to (created if missing)")

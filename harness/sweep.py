@@ -48,7 +48,17 @@ def summarise(results_file: Path) -> list[str]:
     return rows
 
 
-def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str]) -> int:
+def build_leaderboard(output_path: Path, site: Path) -> int:
+    import argparse
+
+    from leaderboard.build import run
+
+    print(f"[jtc sweep] building the leaderboard in {site}", flush=True)
+    return run(argparse.Namespace(results=[str(output_path)], output=str(site), alpha=0.05, resamples=2000, seed=0))
+
+
+def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str],
+              site: Path | None = None) -> int:
     if not models:
         print("jtc sweep: no models given", file=sys.stderr)
         return 2
@@ -80,4 +90,4 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
         print(f"{name}  ({results})")
         for row in summarise(results):
             print(row)
-    return 0
+    return build_leaderboard(output_path, site) if site is not None else 0
