@@ -11,12 +11,12 @@ import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 import tiny
+from installed import installed_package_dir
 from harness.cli import main as jtc
 from harness.stats import compare
 from leaderboard.build import N_RESAMPLES, build_site, fmt
@@ -33,21 +33,12 @@ LAYERS = 3
 _RUN: dict[str, Path] = {}  # one lm_eval run per session, shared with the browser tests that import these fixtures
 
 
-def _installed_package_dir() -> Path | None:
-    try:
-        dist = metadata.distribution("jtc-lens")
-    except metadata.PackageNotFoundError:
-        return None
-    init = next((f for f in dist.files or [] if str(f) == "harness/__init__.py"), None)
-    return Path(dist.locate_file(init)).parent if init else None
-
-
 @pytest.fixture(scope="session")
 def lm_eval_out(tmp_path_factory) -> Path:
     """lm-eval output folder of one run of the tiny llama on news and wikipedia, all three projectors."""
     if "out" in _RUN:
         return _RUN["out"]
-    pkg = _installed_package_dir()
+    pkg = installed_package_dir()
     exe = Path(sys.executable).parent / "lm_eval"
     if pkg is None or not (pkg / "tasks").is_dir() or not exe.exists():
         pytest.skip("jtc-lens is not installed as a wheel with the lm_eval command beside the interpreter (pip install .)")

@@ -5,28 +5,19 @@ import json
 import os
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 import tiny
+from installed import installed_package_dir
 
 pytestmark = pytest.mark.slow
 
 
-def _installed_package_dir() -> Path | None:
-    try:
-        dist = metadata.distribution("jtc-lens")
-    except metadata.PackageNotFoundError:
-        return None
-    init = next((f for f in dist.files or [] if str(f) == "harness/__init__.py"), None)
-    return Path(dist.locate_file(init)).parent if init else None
-
-
 @pytest.fixture(scope="module")
 def lm_eval_bin():
-    pkg = _installed_package_dir()
+    pkg = installed_package_dir()
     if pkg is None or not (pkg / "tasks").is_dir():
         pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
     exe = Path(sys.executable).parent / "lm_eval"

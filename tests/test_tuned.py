@@ -20,7 +20,6 @@ def _lens(arch="llama", seed=0):
 
 
 def test_zero_initialised_lens_is_the_identity():
-    lens = _lens()
     states = torch.randn(4, 7, 32)
     zero = TunedProjector.zeros(3, 32)
     torch.testing.assert_close(zero.project(states, [0, 1, 2], 3), IdentityProjector().project(states, [0, 1, 2], 3))
