@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -15,11 +16,10 @@ from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 from .projectors.cache import load_entry, save_entry
 from .protocols import ProtocolConfig, build_items
+from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
-from .store import sha256_json
-
-if TYPE_CHECKING:
-    from .tuned_training import TunedRecipe
+from .store import cache_root, sha256_file, sha256_json
+from .tuned_training import TunedRecipe, TunedTrainer, stream_hash
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
 @dataclass(frozen=True)
 class TunedSpec:
     fit_on: str
-    recipe: "TunedRecipe"
+    recipe: TunedRecipe
     import_from: str | None = None  # a lens saved by the tuned-lens package, used instead of training
 
     def as_dict(self) -> dict:
@@ -123,17 +123,8 @@ class TunedSpec:
 
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None):
     """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint)."""
-    from .projectors.tuned import TunedProjector
-    from .store import cache_root
-    from .tuned_training import TunedTrainer, stream_hash
-
     fingerprint = fingerprint or lens.fingerprint()
     if spec.import_from:
-        from pathlib import Path
-
-        from .projectors.tuned import import_tuned_lens
-        from .store import sha256_file
-
         folder = Path(spec.import_from).expanduser()
         projector = import_tuned_lens(folder, lens.num_layers, lens.d_model, lens.unembed.weight)
         return projector, {"imported_from": str(folder), "params_sha256": sha256_file(folder / "params.pt"),
@@ -154,4 +145,5 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None)
     info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
             "versions": versions()}
     meta = save_entry(key, projector.tensors(), {"info": info})
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
     return projector, {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}

@@ -130,6 +130,10 @@ def test_tuned_projector_through_the_engine_and_cache():
     assert config["cache"] == "miss" and "stopped_early" in config
     _, info = get_tuned(lens, spec)
     assert info["cache"] == "hit"
+    from harness.store import cache_root
+
+    leftover = cache_root() / "tuned-checkpoints"
+    assert not leftover.exists() or not any(leftover.iterdir())  # the entry replaced the training checkpoint
 
 
 def test_a_published_lens_is_evaluated_without_training(tmp_path):
