@@ -33,35 +33,36 @@ def hf_model():
     return HFLM
 
 
-def patch_task_manager(module) -> None:
-    manager = module.TaskManager
-    if getattr(manager.__init__, "_jtc_patched", False):
+def _wrap_init(cls, adjust_kwargs) -> None:
+    """Make ``cls.__init__`` pass its keyword arguments through ``adjust_kwargs`` first; idempotent."""
+    original = cls.__init__
+    if getattr(original, "_jtc_patched", False):
         return
-    original = manager.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, include_path=None, **kwargs):
-        paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
-        ours = tasks_dir()
-        if not any(Path(p).resolve() == Path(ours) for p in paths):
-            paths.insert(0, ours)  # user paths come later and may override
-        original(self, *args, include_path=paths, **kwargs)
-
-    __init__._jtc_patched = True
-    manager.__init__ = __init__
-
-
-def patch_hf_model(module) -> None:
-    hflm = module.HFLM
-    if getattr(hflm.__init__, "_jtc_patched", False):
-        return
-    original = hflm.__init__
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        for key in MODEL_ARG_OPTIONS:
-            kwargs.pop(key, None)
-        original(self, *args, **kwargs)
+        original(self, *args, **adjust_kwargs(kwargs))
 
     __init__._jtc_patched = True
-    hflm.__init__ = __init__
+    cls.__init__ = __init__
+
+
+def _with_our_tasks(kwargs: dict) -> dict:
+    include_path = kwargs.get("include_path")
+    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    ours = tasks_dir()
+    if not any(Path(p).resolve() == Path(ours) for p in paths):
+        paths.insert(0, ours)  # user paths come later and may override
+    return {**kwargs, "include_path": paths}
+
+
+def _without_jtc_options(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in MODEL_ARG_OPTIONS}
+
+
+def patch_task_manager(module) -> None:
+    _wrap_init(module.TaskManager, _with_our_tasks)
+
+
+def patch_hf_model(module) -> None:
+    _wrap_init(module.HFLM, _without_jtc_options)
