@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpora import get_corpus
-from .encoding import Encoded, batches, encode
+from .distributed import SINGLE, Group
+from .encoding import batches, encode
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
 from .metrics import LENS_METRICS, lens_metrics, r2_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import Item, ProtocolConfig
-from .provenance import model_record, utc_now, versions
+from .provenance import model_record, peak_memory, utc_now, versions
 from .store import sha256_json
 
 log = logging.getLogger(__name__)
@@ -62,35 +63,49 @@ PROVENANCE: dict[str, dict] = {}
 
 
 class Engine:
-    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None):
+    """Scores requests on one model. Under data parallelism (``group`` of several processes) each process
+    gets its own share of the requests; projectors are fitted on all fit data together, and everything
+    an item's metrics depend on beyond the item itself (the target variance of r^2) is summed over the group."""
+
+    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None, group: Group = SINGLE):
         self.lens = lens
         self.batch_size = batch_size
         self.max_length = max_length
+        self.group = group
         self.fingerprint = lens.fingerprint()
 
     def run(self, requests: list[EvalRequest]) -> list[dict]:
         start = time.perf_counter()
-        projectors, fit_info = self._projectors({r.projector_key for r in requests})
         by_group: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             by_group[r.group_key].append(i)
-        responses: list[dict | None] = [None] * len(requests)
-        for group, indices in by_group.items():
+        # Every process fits and visits the same projectors and sets, in the same order, even those it has
+        # no items of: the collectives inside must match up.
+        wanted = {g: {requests[i].projector_key for i in idx} for g, idx in by_group.items()}
+        merged: dict[tuple, set] = defaultdict(set)
+        for theirs in self.group.gather(wanted):
+            for g, keys in theirs.items():
+                merged[g] |= keys
+        projectors, fit_info = self._projectors(set().union(*merged.values()))
+        results = {}
+        for group in sorted(merged, key=repr):
             items: dict[str, Item] = {}
-            for i in indices:
+            for i in by_group.get(group, []):
                 item = requests[i].item
                 if items.setdefault(item.item_id, item) != item:
                     raise ValueError(f"two requests name item {item.item_id} with different contents")
-            keys = sorted({requests[i].projector_key for i in indices}, key=repr)
-            result = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys})
-            for i in indices:
-                r = requests[i]
-                per_item, prov = result[r.projector_key]
-                prov_full = {**prov, "projector_config": self._projector_config(r, fit_info)}
-                prov_id = sha256_json(prov_full)[:16]
-                PROVENANCE[prov_id] = prov_full
-                responses[i] = {**per_item[r.item.item_id], "provenance": prov_id}
-        log.info("jtc: %d requests scored in %.1f s", len(requests), time.perf_counter() - start)
+            keys = sorted(merged[group], key=repr)
+            results[group] = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys})
+        resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size}
+        responses: list[dict | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            per_item, prov = results[r.group_key][r.projector_key]
+            prov_full = {**prov, **resources, "projector_config": self._projector_config(r, fit_info)}
+            prov_id = sha256_json(prov_full)[:16]
+            PROVENANCE[prov_id] = prov_full
+            responses[i] = {**per_item[r.item.item_id], "provenance": prov_id}
+        log.info("jtc: %d requests scored in %.1f s; peak memory %s", len(requests), time.perf_counter() - start,
+                 resources["peak_memory"])
         return responses  # type: ignore[return-value]
 
     # -- projectors -------------------------------------------------------------------------------
@@ -103,10 +118,10 @@ class Engine:
                 out[(name, fit)] = IdentityProjector()
                 continue
             if name == "tuned":
-                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint)
+                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group)
                 continue
             if fit not in fit_info:
-                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint)
+                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
                 fit_info[fit] = fitted.info
                 out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
         return out, fit_info
@@ -153,11 +168,34 @@ class Engine:
                     diff = (projected - target[None]).float()
                     sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
                 bar.update(len(batch.encoded))
-        var = _variance(t_sum, t_sq, n_pos)
-        pos0 = torch.tensor([e.at_position_zero for e in encoded])
+        # The evaluation set is the union of every process's items; an item that reached several processes
+        # counts once, for the first of them.
+        everyone = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded])
+        owner: dict[str, int] = {}
+        for rank, records in enumerate(everyone):
+            for rec in records:
+                owner.setdefault(rec[0], rank)
+        union = sorted({rec[0]: rec for records in everyone for rec in records}.values())
+        mine = torch.tensor([owner[e.item_id] == self.group.rank for e in encoded], dtype=torch.bool)
+        pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
+        var = self._set_variance(t_sum, t_sq, n_pos, mine)
+        var_no0 = self._set_variance(t_sum, t_sq, n_pos, mine & ~pos0)
+        # r^2 without the items at position 0: per projector, the sum over owned items and their count
+        no0_sums = torch.zeros(len(projectors), L + 1, dtype=torch.float64)
+        r2_all = {}
+        for j, key in enumerate(projectors):
+            r2_all[key] = r2_per_item(sq_err[key], n_pos, var)
+            keep = mine & ~pos0
+            if keep.any():
+                no0_sums[j, :L] = r2_per_item(sq_err[key][keep], n_pos[keep], var_no0).sum(0)
+                no0_sums[j, L] = keep.sum()
+        self.group.sum_([no0_sums])
+        n_pos0 = sum(1 for rec in union if rec[3])
+        prov = self._group_provenance(group, union, n_pos0)
+        prov["items_per_process"] = [len(records) for records in everyone]
         out = {}
-        for key in projectors:
-            r2 = r2_per_item(sq_err[key], n_pos, var)
+        for j, key in enumerate(projectors):
+            r2 = r2_all[key]
             per_item = {}
             for k, e in enumerate(encoded):
                 row = {}
@@ -170,13 +208,18 @@ class Engine:
                 row["r2"] = sum(r2_vals) / L
                 row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
                 per_item[e.item_id] = row
-            prov = self._group_provenance(group, encoded, pos0, n_pos)
-            if pos0.any() and (~pos0).any():
-                keep = ~pos0
-                sub_r2 = r2_per_item(sq_err[key][keep], n_pos[keep], _variance(t_sum[keep], t_sq[keep], n_pos[keep]))
-                prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in sub_r2.mean(0).tolist()]
-            out[key] = (per_item, prov)
+            key_prov = dict(prov)
+            if 0 < n_pos0 < len(union):
+                mean_no0 = no0_sums[j, :L] / no0_sums[j, L]
+                key_prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in mean_no0.tolist()]
+            out[key] = (per_item, key_prov)
         return out
+
+    def _set_variance(self, t_sum, t_sq, n_pos, rows: torch.Tensor) -> torch.Tensor:
+        """Variance per target coordinate over all positions of the selected items of every process."""
+        sums = [t_sum[rows].sum(0), t_sq[rows].sum(0), n_pos[rows].sum().reshape(1)]
+        self.group.sum_(sums)
+        return _variance(sums[0][None], sums[1][None], sums[2])
 
     def _score(self, final_logits: torch.Tensor, projected: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Lens metrics (S, P) with the projected logits materialised a slice of positions and layers at a time."""
@@ -195,7 +238,8 @@ class Engine:
                 parts[m].append(torch.cat(v, dim=0))
         return {m: torch.cat(v, dim=1) for m, v in parts.items()}
 
-    def _group_provenance(self, group, encoded: list[Encoded], pos0: torch.Tensor, n_pos: torch.Tensor) -> dict:
+    def _group_provenance(self, group, union: list[tuple], n_pos0: int) -> dict:
+        """``union``: (item id, token ids, scored positions, at position 0, BOS added) of every item of the set."""
         distribution, split, protocol = group
         corpus = get_corpus(distribution)
         return {
@@ -206,11 +250,11 @@ class Engine:
             "split": split,
             "protocol": protocol.as_dict(),
             "seed": protocol.seed,
-            "items": len(encoded),
-            "positions": int(n_pos.sum().item()),
-            "items_data_sha256": sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded]),
-            "bos_added": any(e.bos_added for e in encoded),
-            "items_at_position_0": int(pos0.sum().item()),
+            "items": len(union),
+            "positions": sum(len(rec[2]) for rec in union),
+            "items_data_sha256": sha256_json([list(rec[:3]) for rec in union]),
+            "bos_added": any(rec[4] for rec in union),
+            "items_at_position_0": n_pos0,
             "adapter_checks": {k: float(v) for k, v in self.lens.checks.items()},
             "dtype": str(self.lens.dtype).replace("torch.", ""),
             "device": str(self.lens.device),

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .corpora import get_corpus
+from .distributed import SINGLE, Group
 from .encoding import batches, encode
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
@@ -50,20 +51,26 @@ def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     return corpus, encoded, data_hash
 
 
-def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str) -> GramAccumulator:
+def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
+    """Gram statistics over ``encoded``: each process of ``group`` reads its share, then the sums are combined."""
     acc = GramAccumulator(lens.num_layers + 1, lens.d_model, pairs)
     pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
-    with tqdm(total=len(encoded), desc=desc, unit="item") as bar:
-        for batch in batches(encoded, batch_size, pad):
+    share = group.shard(encoded)
+    if group.distributed:
+        desc += f" [process {group.rank + 1}/{group.world_size}]"
+    with tqdm(total=len(share), desc=desc, unit="item") as bar:
+        for batch in batches(share, batch_size, pad):
             acc.update(lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols))
             bar.update(len(batch.encoded))
     acc.flush()
+    acc.reduce(group.sum_)
     return acc
 
 
 def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: int | None = None,
-                      fingerprint: dict | None = None) -> FittedLeastSquares:
-    """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now."""
+                      fingerprint: dict | None = None, group: Group = SINGLE) -> FittedLeastSquares:
+    """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now
+    (by all processes of ``group`` together; the main one writes the cache entry)."""
     fingerprint = fingerprint or lens.fingerprint()
     corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
@@ -76,7 +83,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "pairs": pairs,
     }
     cached = load_entry(key)
-    if cached is not None:
+    if group.all(cached is not None):
         tensors, meta = cached
         log.info("least-squares projectors for %s loaded from the cache", spec.fit_on)
         return FittedLeastSquares(
@@ -85,7 +92,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
             {**meta["info"], "cache": "hit"},
         )
     start = time.perf_counter()
-    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train")
+    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group)
     if acc.n <= lens.d_model:
         log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
     mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
@@ -100,12 +107,14 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "pairs": pairs,
         "fit_seconds": round(time.perf_counter() - start, 2),
         "accumulation": "float64 Gram matrices, one pass",
+        "processes": group.world_size,
         "versions": versions(),
     }
-    tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
-    meta = save_entry(key, tensors, {"info": info})
-    info["cache"] = "miss"
-    info["cache_entry"] = meta["tensors_sha256"][:16]
+    if group.is_main:
+        tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
+        meta = save_entry(key, tensors, {"info": info})
+        info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
+    info = group.gather(info)[0]  # every process reports the main one's record
     return FittedLeastSquares(mat, affine, info)
 
 
@@ -121,8 +130,9 @@ class TunedSpec:
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
-def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None):
-    """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint)."""
+def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
+    """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint;
+    the processes of ``group`` share each step's chunks and sum their gradients)."""
     fingerprint = fingerprint or lens.fingerprint()
     if spec.import_from:
         folder = Path(spec.import_from).expanduser()
@@ -137,13 +147,15 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None)
         "recipe": spec.recipe.as_dict(),
     }
     cached = load_entry(key)
-    if cached is not None:
+    if group.all(cached is not None):
         tensors, meta = cached
         return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
     checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24]
-    projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint).train()
+    projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
     info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
-            "versions": versions()}
-    meta = save_entry(key, projector.tensors(), {"info": info})
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
-    return projector, {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
+            "processes": group.world_size, "versions": versions()}
+    if group.is_main:
+        meta = save_entry(key, projector.tensors(), {"info": info})
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
+        info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
+    return projector, group.gather(info)[0]

@@ -21,6 +21,23 @@ def versions() -> dict:
     return out
 
 
+def peak_memory() -> dict:
+    """Peak resident memory of this process so far, and peak device memory when on CUDA (MiB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"host_rss_mib": round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / (1 << 20), 1)
+    except Exception:  # pragma: no cover - a broken CUDA set-up must not stop the report
+        pass
+    return out
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 

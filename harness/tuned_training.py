@@ -14,6 +14,7 @@ training early once the mean loss over layers reaches it (recorded, with the tok
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from .corpora import get_corpus
+from .distributed import SINGLE, Group
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
 from .projectors.tuned import TunedProjector
@@ -95,20 +97,29 @@ def stream_hash(corpus_name: str, recipe: TunedRecipe, tokenizer_vocab: int) -> 
                         "vocab": tokenizer_vocab})
 
 
-def _lens_loss(lens: LensModel, projected: torch.Tensor, final_lp: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
-    """KL(p_final || p_lens) at every position, or cross-entropy to the next token within each chunk."""
+def _lens_loss_sum(lens: LensModel, projected: torch.Tensor, final_lp: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
+    """KL(p_final || p_lens) summed over positions, or cross-entropy to the next token within each chunk.
+
+    Sums, not means: a step's loss is divided by the positions of the whole step, wherever they were scored.
+    """
     lp = torch.log_softmax(lens.readout(projected).float(), dim=-1)
     if kind == "kl":
-        return (final_lp.exp() * (final_lp - lp)).sum(-1).mean()
+        return (final_lp.exp() * (final_lp - lp)).sum()
     B, T = batch.shape
-    return torch.nn.functional.nll_loss(lp.view(B, T, -1)[:, :-1].reshape(-1, lp.shape[-1]), batch[:, 1:].reshape(-1))
+    return torch.nn.functional.nll_loss(lp.view(B, T, -1)[:, :-1].reshape(-1, lp.shape[-1]), batch[:, 1:].reshape(-1),
+                                        reduction="sum")
+
+
+def scored_positions(recipe: "TunedRecipe", chunks: int) -> int:
+    return chunks * (recipe.chunk_len if recipe.loss == "kl" else recipe.chunk_len - 1)
 
 
 class TunedTrainer:
-    def __init__(self, lens: LensModel, recipe: TunedRecipe, fit_on: str, checkpoint: Path | None = None):
+    def __init__(self, lens: LensModel, recipe: TunedRecipe, fit_on: str, checkpoint: Path | None = None,
+                 group: Group = SINGLE):
         if lens.masked:
             raise TrainingError("tuned lenses are trained on causal language models only")
-        self.lens, self.recipe, self.fit_on = lens, recipe, fit_on
+        self.lens, self.recipe, self.fit_on, self.group = lens, recipe, fit_on, group
         self.checkpoint = Path(checkpoint) if checkpoint else None
         for p in lens.model.parameters():
             p.requires_grad_(False)  # the model is frozen; only the lens learns
@@ -122,9 +133,12 @@ class TunedTrainer:
             start = time.perf_counter()
             acc = GramAccumulator(L + 1, d, "last")
             while used < self.recipe.warm_fit_tokens:
-                batch = torch.stack([next(chunks) for _ in range(self.recipe.tokens_per_step // self.recipe.chunk_len)])
-                acc.update(self._states(batch))
-                used += batch.numel()
+                step_chunks = [next(chunks) for _ in range(self.recipe.tokens_per_step // self.recipe.chunk_len)]
+                mine = self.group.shard(step_chunks)
+                if mine:
+                    acc.update(self._states(torch.stack(mine)))
+                used += sum(c.numel() for c in step_chunks)
+            acc.reduce(self.group.sum_)
             affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
             init = TunedProjector.from_affine(affine, L)
             warm_seconds = time.perf_counter() - start
@@ -141,7 +155,7 @@ class TunedTrainer:
         return self.lens.capture(batch, torch.ones_like(batch), rows, cols).float()
 
     def _save_checkpoint(self, W, b, opt, sched, step, tokens, losses) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.group.is_main:
             return
         self.checkpoint.mkdir(parents=True, exist_ok=True)
         tensors = {"W": W.detach().cpu().contiguous(), "b": b.detach().cpu().contiguous()}
@@ -176,7 +190,10 @@ class TunedTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
         step, tokens, losses = 0, warm_tokens, []
         resumed = self._load_checkpoint()
+        if not self.group.all(resumed is not None):
+            resumed = None  # every process resumes from the same checkpoint, or none does
         if resumed is not None:
+            self.group.check_same(resumed[0]["step"], "the checkpoint step to resume from")
             meta, state = resumed
             step, tokens, losses = meta["step"], meta["tokens"], meta["losses"]
             with torch.no_grad():
@@ -196,32 +213,23 @@ class TunedTrainer:
         try:
             while step < total_steps:
                 try:
-                    batch = torch.stack([next(chunks) for _ in range(per_step)])
+                    step_chunks = [next(chunks) for _ in range(per_step)]
                 except StopIteration:
                     break  # the split is exhausted before the budget: recorded below
-                states = self._states(batch)
-                with torch.no_grad():
-                    final_lp = torch.log_softmax(lens.readout(states[L]).float(), dim=-1)
-                batch_on_device = batch.to(states.device)
-                step_losses = []
-                for l in range(L):
-                    h = states[l]
-                    projected = h + h @ W[l].T + b[l]
-                    loss = _lens_loss(lens, projected, final_lp, batch_on_device, r.loss)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"non-finite {r.loss} loss ({loss.item()}) at layer {l}, step {step}; "
-                                            "the lens is not saved")
-                    loss.backward()
-                    step_losses.append(loss.item())
+                step_losses = self._accumulate_gradients(W, b, step_chunks)
+                bad = [l for l, v in enumerate(step_losses) if not math.isfinite(v)]
+                if bad:
+                    raise TrainingError(f"non-finite {r.loss} loss ({step_losses[bad[0]]}) at layer {bad[0]}, step {step}; "
+                                        "the lens is not saved")
                 torch.nn.utils.clip_grad_norm_([W, b], r.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=False)
                 sched.step()
                 step += 1
-                tokens += batch.numel()
+                tokens += sum(c.numel() for c in step_chunks)
                 mean_loss = sum(step_losses) / L
                 losses.append(round(mean_loss, 6))
-                bar.update(batch.numel())
+                bar.update(sum(c.numel() for c in step_chunks))
                 bar.set_postfix(loss=f"{mean_loss:.4f}", step=step)
                 self._save_checkpoint(W, b, opt, sched, step, tokens, losses)
                 if r.stop_at is not None and mean_loss <= r.stop_at:
@@ -242,3 +250,31 @@ class TunedTrainer:
             "train_seconds": round(time.perf_counter() - start, 2),
         }
         return TunedProjector(W.detach().cpu().clone(), b.detach().cpu().clone()), info
+
+    def _accumulate_gradients(self, W, b, step_chunks: list[torch.Tensor]) -> list[float]:
+        """Gradients of the step's mean loss (summed over layers) in W.grad and b.grad; the per-layer losses.
+
+        Each process scores its share of the chunks; gradients and losses are summed over the processes,
+        which leaves every process with the gradient of the whole step.
+        """
+        lens, r, L = self.lens, self.recipe, self.lens.num_layers
+        n = scored_positions(r, len(step_chunks))
+        losses = torch.zeros(L, dtype=torch.float64)
+        mine = self.group.shard(step_chunks)
+        if mine:
+            batch = torch.stack(mine)
+            states = self._states(batch)
+            with torch.no_grad():
+                final_lp = torch.log_softmax(lens.readout(states[L]).float(), dim=-1)
+            batch_on_device = batch.to(states.device)
+            for l in range(L):
+                h = states[l]
+                projected = h + h @ W[l].T + b[l]
+                loss = _lens_loss_sum(lens, projected, final_lp, batch_on_device, r.loss) / n
+                loss.backward()
+                losses[l] = loss.item()
+        if self.group.distributed:
+            grads = [W.grad if W.grad is not None else torch.zeros_like(W), b.grad if b.grad is not None else torch.zeros_like(b)]
+            self.group.sum_([*grads, losses])
+            W.grad, b.grad = grads
+        return losses.tolist()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..distributed import group_of
 from ..engine import Engine, EvalRequest
 from ..fitting import FitSpec, TunedSpec
 from ..models import build_lens_model
@@ -53,8 +54,11 @@ class LensResponse:
 
 
 def jtc_lens(lm, requests) -> list[LensResponse]:
-    """Score all jtc requests of a run with one engine on ``lm.model``."""
-    if not requests:
+    """Score all jtc requests of a run (this process's share of them, under data parallelism) on ``lm.model``.
+
+    Under data parallelism every process must take part, even one that received no requests."""
+    group = group_of(lm)
+    if not requests and not group.distributed:
         return []
     parsed = []
     batch_size = None
@@ -72,7 +76,7 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
         lens = build_lens_model(model, tokenizer)
         lm._jtc_lens = lens
     max_length = getattr(lm, "max_length", None)
-    engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length)
+    engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length, group=group)
     return [LensResponse(r.item.item_id, values) for r, values in zip(parsed, engine.run(parsed))]
 
 

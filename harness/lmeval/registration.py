@@ -5,6 +5,10 @@ lm-eval 0.4.13 reads no plugin entry points, so the wheel ships a .pth file that
 ``TaskManager.__init__`` so that the jtc task folder is always among its include paths. It also lets
 ``--model_args`` carry jtc options (``fit_on=news``) that lm-eval forwards to every task's metadata,
 by removing them before the stock ``hf`` model passes its arguments to ``from_pretrained``.
+
+lm-eval 0.4.13 turns on data parallelism only when it counts more than one GPU, so processes started by
+``accelerate launch`` on CPUs would each score every item. When accelerate runs several CPU processes
+(gloo), the patched model takes accelerate's rank and world size, as it would on GPUs.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ def hf_model():
     return HFLM
 
 
-def _wrap_init(cls, adjust_kwargs) -> None:
-    """Make ``cls.__init__`` pass its keyword arguments through ``adjust_kwargs`` first; idempotent."""
+def _wrap_init(cls, adjust_kwargs, after=None) -> None:
+    """Make ``cls.__init__`` pass its keyword arguments through ``adjust_kwargs`` first and call
+    ``after(self)`` once it is done; idempotent."""
     original = cls.__init__
     if getattr(original, "_jtc_patched", False):
         return
@@ -42,6 +47,8 @@ def _wrap_init(cls, adjust_kwargs) -> None:
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **adjust_kwargs(kwargs))
+        if after is not None:
+            after(self)
 
     __init__._jtc_patched = True
     cls.__init__ = __init__
@@ -64,5 +71,31 @@ def patch_task_manager(module) -> None:
     _wrap_init(module.TaskManager, _with_our_tasks)
 
 
+def _data_parallel_on_cpu(lm) -> None:
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is None or accelerator.num_processes <= 1 or getattr(lm, "_world_size", 1) > 1:
+        return
+    if accelerator.device.type != "cpu":
+        return  # accelerator devices: lm-eval's own logic applies
+    lm._rank = accelerator.process_index
+    lm._world_size = accelerator.num_processes
+    lm._device = accelerator.device
+    _close_process_group_at_exit()
+
+
+def _close_process_group_at_exit() -> None:
+    # gloo aborts the interpreter at exit ("terminate called without an active exception") when the
+    # process group is still open, which turns a finished run into a failed exit status.
+    import atexit
+
+    import torch.distributed as dist
+
+    def close():
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(close)
+
+
 def patch_hf_model(module) -> None:
-    _wrap_init(module.HFLM, _without_jtc_options)
+    _wrap_init(module.HFLM, _without_jtc_options, after=_data_parallel_on_cpu)

@@ -114,6 +114,12 @@ class GramAccumulator:
             out["diag"], out["cross"] = self.diag, self.cross
         return out
 
+    def reduce(self, sum_) -> None:
+        """Combine the statistics of several processes: ``sum_`` all-reduces a list of tensors in place."""
+        state = self.state_tensors()
+        sum_(list(state.values()))
+        self.n = int(state["n"].item())
+
 
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve gram @ X = rhs, with Jacobi scaling so that a few huge coordinates do not ruin the conditioning."""

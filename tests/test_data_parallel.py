@@ -1,0 +1,109 @@
+"""Data parallelism on lm-eval's own mechanism: `accelerate launch -m lm_eval` with two CPU processes (gloo)
+gives the same fitted projectors and the same metrics as one process."""
+
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import tiny
+from installed import installed_package_dir
+
+pytestmark = pytest.mark.slow
+
+TASKS = "jtc_id_news,jtc_mat_news,jtc_affine_news,jtc_tuned_news,jtc_mat_wikipedia"
+# 13 items: the two processes get 7 and 6, so lm-eval pads one of them with a repeated request
+OPTIONS = {"n_eval": 13, "n_fit": 60, "token_budget": 640, "tokens_per_step": 128, "tuned_chunk_len": 64,
+           "warm_fit_tokens": 256}
+
+
+def _bin(name):
+    exe = Path(sys.executable).parent / name
+    if not exe.exists():
+        pytest.skip(f"{name} not found beside the interpreter")
+    return str(exe)
+
+
+def _run(cmd, cwd, cache, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(cache), TQDM_DISABLE="1", **(extra_env or {}))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if installed_package_dir() is None:
+        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate's launcher is not installed")
+    tmp = tmp_path_factory.mktemp("dp")
+    model, tok = tiny.build("llama", layers=3)
+    model.save_pretrained(tmp / "tiny")
+    tok.save_pretrained(tmp / "tiny")
+    args = ["--model", "hf", "--model_args", f"pretrained={tmp / 'tiny'}", "--tasks", TASKS, "--log_samples",
+            "--metadata", json.dumps(OPTIONS)]
+    _run([_bin("lm_eval"), *args, "--output_path", str(tmp / "one")], tmp, tmp / "cache-one")
+    _run([_bin("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval", *args, "--output_path", str(tmp / "two")],
+         tmp, tmp / "cache-two", {"ACCELERATE_USE_CPU": "1"})
+
+    def results(name):
+        (path,) = glob.glob(str(tmp / name / "*" / "results_*.json"))
+        return json.loads(Path(path).read_text())
+
+    return tmp, results("one"), results("two")
+
+
+def test_two_processes_split_the_items_and_agree_with_one(runs):
+    _, one, two = runs
+    assert set(one["results"]) == set(two["results"]) == set(TASKS.split(","))
+    compared = 0
+    for task, res in one["results"].items():
+        p1 = one["configs"][task]["metadata"]["provenance"]
+        p2 = two["configs"][task]["metadata"]["provenance"]
+        assert p1["processes"] == 1 and p2["processes"] == 2
+        assert p1["items_per_process"] == [13] and p2["items_per_process"] == [7, 6]
+        assert p1["items"] == p2["items"] == 13 and p1["items_data_sha256"] == p2["items_data_sha256"]
+        assert len(p2["peak_memory"]) == 2 and all(m["host_rss_mib"] > 0 for m in p2["peak_memory"])
+        assert one["n-samples"][task] == two["n-samples"][task]
+        for key, value in res.items():
+            if isinstance(value, float):
+                assert math.isclose(value, two["results"][task][key], rel_tol=1e-6, abs_tol=1e-6), (task, key)
+                compared += 1
+    assert compared == 5 * 8 * 4 * 2  # tasks x metrics x (mean + 3 layers) x (value, stderr)
+
+
+def test_two_processes_fit_the_same_projectors(runs):
+    tmp, one, two = runs
+    files = sorted(glob.glob(str(tmp / "cache-one" / "projectors" / "*.safetensors")))
+    assert len(files) == 3  # least squares on news and on wikipedia, the tuned lens on news
+    for path in files:
+        a, b = load_file(path), load_file(path.replace("cache-one", "cache-two"))
+        assert a.keys() == b.keys()
+        for key in a:
+            scale = a[key].abs().max().clamp_min(1e-12)
+            assert ((a[key] - b[key]).abs().max() / scale).item() < 1e-6, (path, key)
+        meta_one = json.loads(Path(path[:-len(".safetensors")] + ".json").read_text())
+        meta_two = json.loads(Path(path.replace("cache-one", "cache-two")[:-len(".safetensors")] + ".json").read_text())
+        assert meta_one["info"]["processes"] == 1 and meta_two["info"]["processes"] == 2
+        if "loss_curve" in meta_one["info"]:  # the tuned lens: same steps, same losses
+            assert meta_one["info"]["steps"] == meta_two["info"]["steps"]
+            for x, y in zip(meta_one["info"]["loss_curve"], meta_two["info"]["loss_curve"], strict=True):
+                assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_two_processes_log_every_sample_once(runs):
+    tmp, _, _ = runs
+    for task in TASKS.split(","):
+        (path,) = glob.glob(str(tmp / "two" / "*" / f"samples_{task}_*.jsonl"))
+        ids = [json.loads(line)["doc"]["item_id"] for line in Path(path).read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == 13
