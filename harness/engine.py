@@ -19,7 +19,7 @@ from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import batches, encode
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
-from .metrics import LENS_METRICS, lens_metrics, r2_per_item
+from .metrics import LENS_METRICS, final_stats, lens_metrics_from, r2_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import Item, ProtocolConfig
@@ -29,7 +29,7 @@ from .store import sha256_json
 log = logging.getLogger(__name__)
 METRICS = LENS_METRICS + ("r2",)
 # Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
-LOGIT_BUDGET = 1 << 25
+LOGIT_BUDGET = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -222,17 +222,38 @@ class Engine:
         return _variance(sums[0][None], sums[1][None], sums[2])
 
     def _score(self, final_logits: torch.Tensor, projected: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Lens metrics (S, P) with the projected logits materialised a slice of positions and layers at a time."""
+        """Lens metrics (S, P), the logits materialised a slice of positions and layers at a time.
+
+        Slices stay near LOGIT_BUDGET elements, small enough for the passes over each to run from
+        cache; the final prediction's share of the metrics is computed once per slice of positions.
+        When the readout ends in a plain linear map (no soft-capping), sum_v p_v z_v, the expected
+        lens logit under the final distribution p, is (p W) . f + p . b for the normalised vector f:
+        a (P, d) product per slice of positions instead of a pass over every layer's logits.
+        """
         S, P, _ = projected.shape
         V = final_logits.shape[-1]
+        lens = self.lens
         pos_step = max(1, min(P, LOGIT_BUDGET // V))
         layer_step = max(1, LOGIT_BUDGET // (pos_step * V))
-        parts: dict[str, list[list[torch.Tensor]]] = defaultdict(list)
+        linear = not lens.softcap and isinstance(lens.unembed, torch.nn.Linear)
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for p0 in range(0, P, pos_step):
+            final = final_stats(final_logits[p0:p0 + pos_step])
+            if linear:
+                pw = (final.probs @ lens.unembed.weight.float()).to(lens.dtype)  # (p, d)
+                pb = final.probs @ lens.unembed.bias.float() if lens.unembed.bias is not None else None
             row: dict[str, list[torch.Tensor]] = defaultdict(list)
             for s0 in range(0, S, layer_step):
-                logits = self.lens.readout(projected[s0:s0 + layer_step, p0:p0 + pos_step])
-                for m, v in lens_metrics(final_logits[p0:p0 + pos_step], logits, targets[p0:p0 + pos_step]).items():
+                features = lens.final_norm(projected[s0:s0 + layer_step, p0:p0 + pos_step].to(lens.dtype))
+                expected = None
+                if linear:
+                    logits = lens.unembed(features)
+                    expected = torch.linalg.vecdot(features, pw[None]).float()
+                    if pb is not None:
+                        expected = expected + pb[None]
+                else:
+                    logits = lens.readout_features(features)
+                for m, v in lens_metrics_from(final, logits, targets[p0:p0 + pos_step], expected).items():
                     row[m].append(v)
             for m, v in row.items():
                 parts[m].append(torch.cat(v, dim=0))

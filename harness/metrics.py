@@ -8,6 +8,7 @@ hence paired tests, stay possible. Natural logarithms throughout (nats).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,19 +17,49 @@ LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
 NATS_PER_BIT = math.log(2.0)
 
 
+@dataclass(frozen=True)
+class FinalStats:
+    """What every layer's metrics need from the final prediction at P positions; computed once per position."""
+
+    log_probs: torch.Tensor  # (P, V)
+    probs: torch.Tensor  # (P, V)
+    top: torch.Tensor  # (P, max k): the final top-k tokens
+    neg_entropy: torch.Tensor  # (P,): sum_v p log p
+
+
+def final_stats(final_logits: torch.Tensor) -> FinalStats:
+    log_probs = torch.log_softmax(final_logits.float(), dim=-1)
+    probs = log_probs.exp()
+    return FinalStats(log_probs, probs, log_probs.topk(max(TOPK), dim=-1).indices, torch.linalg.vecdot(probs, log_probs))
+
+
 def lens_metrics(final_logits: torch.Tensor, lens_logits: torch.Tensor, next_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P)."""
-    final_lp = torch.log_softmax(final_logits.float(), dim=-1)  # (P, V)
-    lens_lp = torch.log_softmax(lens_logits.float(), dim=-1)  # (S, P, V)
-    top1 = lens_lp.argmax(dim=-1)  # (S, P)
-    final_top = final_lp.topk(max(TOPK), dim=-1).indices  # (P, 10)
-    hits = top1[..., None] == final_top[None]  # (S, P, 10)
+    return lens_metrics_from(final_stats(final_logits), lens_logits, next_tokens)
+
+
+def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens: torch.Tensor,
+                      expected_logit: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``lens_metrics`` with the final prediction's part done beforehand.
+
+    Beyond the unembedding product, the passes over the (S, P, V) lens logits z are the cost of
+    scoring, so they are kept to three, each a fused row-wise kernel: max (top-1), softmax q, and
+    the dot product sum q z. With lse = max z - log q[top-1] (exact for a peaked q, unlike a sum),
+      H(q) = lse - sum q z,   KL(p || q) = sum p log p - sum p z + lse,   xent = lse - z[next].
+    ``expected_logit``, sum_v p_v z_v (S, P), may come from a cheaper route (see Engine._score).
+    """
+    z = lens_logits.float()
+    zmax, top1 = z.max(dim=-1)  # (S, P)
+    q = torch.softmax(z, dim=-1)
+    lse = zmax - q.gather(-1, top1[..., None])[..., 0].log()
+    hits = top1[..., None] == final.top[None]  # (S, P, k)
     out = {f"p@{k}": hits[..., :k].any(dim=-1).float() for k in TOPK}
-    out["surprisal"] = -final_lp[None].expand_as(lens_lp).gather(-1, top1[..., None])[..., 0]
-    final_p = final_lp.exp()
-    out["kl"] = (final_p[None] * (final_lp[None] - lens_lp)).sum(-1)
-    out["xent"] = -lens_lp.gather(-1, next_tokens[None, :, None].expand(lens_lp.shape[0], -1, 1))[..., 0]
-    out["entropy"] = -(lens_lp.exp() * lens_lp).sum(-1)
+    out["surprisal"] = -final.log_probs.gather(-1, top1.T).T
+    if expected_logit is None:
+        expected_logit = torch.linalg.vecdot(z, final.probs[None])
+    out["kl"] = final.neg_entropy[None] - expected_logit + lse
+    out["xent"] = lse - z.gather(-1, next_tokens[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
+    out["entropy"] = lse - torch.linalg.vecdot(q, z)
     return out
 
 

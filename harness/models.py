@@ -57,7 +57,11 @@ class LensModel:
 
     def readout(self, v: torch.Tensor) -> torch.Tensor:
         """Logits of hidden vectors ``v`` (..., d) read as if they were the last block's output."""
-        logits = self.unembed(self.final_norm(v.to(self.dtype)))
+        return self.readout_features(self.final_norm(v.to(self.dtype)))
+
+    def readout_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of vectors already through the final norm."""
+        logits = self.unembed(features)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

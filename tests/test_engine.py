@@ -81,3 +81,27 @@ def test_bad_requests_are_rejected():
         EvalRequest("logit", "wikipedia", "validation", protocol, item)
     with pytest.raises(ValueError, match="needs"):
         EvalRequest("mat", "wikipedia", "validation", protocol, item)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "bert"])
+def test_sliced_scoring_equals_the_metrics_of_the_whole_readout(arch, monkeypatch):
+    import torch
+
+    from harness import engine as engine_module
+    from harness.metrics import lens_metrics
+
+    lens = build_lens_model(*tiny.build(arch))
+    gen = torch.Generator().manual_seed(5)
+    L, d = lens.num_layers, lens.d_model
+    V = lens.unembed.weight.shape[0]
+    projected = torch.randn(L, 7, d, generator=gen) * 3
+    final_logits = lens.readout(torch.randn(7, d, generator=gen) * 3).float()
+    targets = torch.randint(0, V, (7,), generator=gen)
+    # slices of 2 positions and 1 layer at a time; the expected logit comes from (p W) . f on linear readouts
+    monkeypatch.setattr(engine_module, "LOGIT_BUDGET", 2 * V)
+    with torch.no_grad():
+        sliced = Engine(lens)._score(final_logits, projected, targets)
+        whole = lens_metrics(final_logits, lens.readout(projected).float(), targets)
+    for name, value in whole.items():
+        assert sliced[name].shape == value.shape == (L, 7)
+        assert torch.allclose(sliced[name], value, rtol=1e-4, atol=1e-4), name
