@@ -38,7 +38,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def provenance_lines(model: str, folder: str, corpus: str, extra: dict | None = None) -> list[str]:
+def provenance_lines(model: str, folder: str, corpus: str | None, extra: dict | None = None) -> list[str]:
     """Markdown lines naming the machine, model (with its source hash), corpus hash, settings and versions."""
     record = model_record(folder) or {}
     model_hash = record.get("gguf_sha256") or record.get("source_sha256") or "(no record: " + folder + ")"
@@ -46,8 +46,8 @@ def provenance_lines(model: str, folder: str, corpus: str, extra: dict | None = 
         f"- machine: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
         f"{platform.system()} {platform.release()}",
         f"- model: {model} (source sha256 {model_hash})",
-        f"- corpus: {corpus} (sha256 {get_corpus(corpus).source_hash})",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        *([f"- corpus: {corpus} (sha256 {get_corpus(corpus).source_hash})"] if corpus else []),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")

@@ -87,6 +87,8 @@ def _sweep(args) -> int:
         metadata=metadata,
         extra=args.lm_eval_args,
         site=None if args.no_leaderboard else Path(args.site or Path(args.output_path) / "leaderboard"),
+        model_args=args.model_args or "",
+        processes=args.processes,
     )
 
 
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, help="tuned lens: tokens per SGD step")
     sweep.add_argument("--tuned-chunk-len", dest="tuned_chunk_len", type=int, help="tuned lens: chunk length")
     sweep.add_argument("--warm-fit-tokens", dest="warm_fit_tokens", type=int, help="tuned lens, warm: tokens of the affine start")
+    sweep.add_argument("--model-args", dest="model_args", help="more lm_eval --model_args for every model, e.g. dtype=bfloat16")
+    sweep.add_argument("--processes", type=int, default=1,
+                       help="data-parallel processes per model (accelerate launch; GPUs if present, else CPU processes)")
     sweep.add_argument("--site", help="leaderboard folder (default OUTPUT_PATH/leaderboard)")
     sweep.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
     sweep.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="after --: further lm_eval arguments")

@@ -96,7 +96,8 @@ class Engine:
                     raise ValueError(f"two requests name item {item.item_id} with different contents")
             keys = sorted(merged[group], key=repr)
             results[group] = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys})
-        resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size}
+        resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size,
+                     "run_seconds": round(time.perf_counter() - start, 2), "run_requests": len(requests)}
         responses: list[dict | None] = [None] * len(requests)
         for i, r in enumerate(requests):
             per_item, prov = results[r.group_key][r.projector_key]

@@ -1,9 +1,16 @@
-"""Run the jtc tasks over several models in turn with the stock ``lm_eval`` command, resumably."""
+"""Run the jtc tasks over several models in turn with the stock ``lm_eval`` command, resumably.
+
+A finished model leaves ``jtc_sweep.json`` beside its results, naming what it was asked for; a rerun of
+the same sweep skips it. An interrupted model left no record and is run again (its fitted projectors
+come from the cache, so only the scoring is redone). With ``--processes N`` each model runs under
+``accelerate launch`` with N data-parallel processes.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import bundled
+from .store import atomic_write_json
 
 
 def resolve_model(name: str) -> str:
@@ -23,18 +31,49 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_") or "model"
 
 
-def finished(model_dir: Path) -> Path | None:
-    files = sorted(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True))
-    return Path(files[-1]) if files else None
+RECORD = "jtc_sweep.json"  # beside a model's results: what the finished run was asked to do
 
 
-def lm_eval_command(pretrained: str, tasks: str, output: Path, metadata: dict, extra: list[str]) -> list[str]:
-    exe = shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval")
-    cmd = [exe, "--model", "hf", "--model_args", f"pretrained={pretrained}", "--tasks", tasks,
-           "--output_path", str(output), "--log_samples"]
+def finished_run(model_dir: Path, request: dict) -> tuple[Path | None, str]:
+    """The results of an earlier run of exactly ``request``, or None and the reason to run again."""
+    record_file = model_dir / RECORD
+    if not record_file.is_file():
+        return None, "no finished run"
+    try:
+        record = json.loads(record_file.read_text("utf-8"))
+    except ValueError:
+        return None, f"unreadable {RECORD}"
+    if record.get("request") != request:
+        changed = sorted(k for k in set(request) | set(record.get("request", {}))
+                         if request.get(k) != record.get("request", {}).get(k))
+        return None, "the finished run was asked for something else (" + ", ".join(changed) + ")"
+    results = model_dir / record.get("results", "")
+    if not results.is_file():
+        return None, f"its results file {results} is gone"
+    return results, "finished"
+
+
+def launcher(processes: int) -> tuple[list[str], dict]:
+    """How lm_eval is started: in this process's interpreter, or by accelerate with N data-parallel processes."""
+    if processes <= 1:
+        return [shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval")], {}
+    exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    cmd = [exe, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval"]
+    import torch
+
+    # without GPUs, accelerate starts CPU processes (gloo) only when told to use the CPU
+    return cmd, ({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})
+
+
+def lm_eval_command(pretrained: str, tasks: str, output: Path, metadata: dict, extra: list[str],
+                    model_args: str = "", processes: int = 1) -> tuple[list[str], dict]:
+    cmd, env = launcher(processes)
+    args = f"pretrained={pretrained}" + (f",{model_args}" if model_args else "")
+    cmd = cmd + ["--model", "hf", "--model_args", args, "--tasks", tasks, "--output_path", str(output), "--log_samples"]
     if metadata:
         cmd += ["--metadata", json.dumps(metadata)]
-    return cmd + [a for a in extra if a != "--"]
+    return cmd + [a for a in extra if a != "--"], env
 
 
 def summarise(results_file: Path) -> list[str]:
@@ -45,6 +84,12 @@ def summarise(results_file: Path) -> list[str]:
             continue
         rows.append(f"  {task:28s} P@1 {res.get('p@1,none', float('nan')):.4f}  KL {res.get('kl,none', float('nan')):.4f} nats"
                     f"  r2 {res.get('r2,none', float('nan')):.4f}")
+    provs = [c.get("metadata", {}).get("provenance") or {} for c in data.get("configs", {}).values()]
+    peaks = [m.get("host_rss_mib", 0) for p in provs for m in p.get("peak_memory", [])]
+    seconds = max((p.get("run_seconds", 0) for p in provs), default=0)
+    if peaks:
+        processes = max(p.get("processes", 1) for p in provs)
+        rows.append(f"  scoring and fitting {seconds:.0f} s on {processes} process(es); peak memory {max(peaks):,.0f} MiB per process")
     return rows
 
 
@@ -58,31 +103,43 @@ def build_leaderboard(output_path: Path, site: Path) -> int:
 
 
 def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str],
-              site: Path | None = None) -> int:
+              site: Path | None = None, model_args: str = "", processes: int = 1) -> int:
+    """Each model in turn; a model whose finished run asked for the same thing is not run again."""
     if not models:
         print("jtc sweep: no models given", file=sys.stderr)
         return 2
+    if processes < 1:
+        print("jtc sweep: --processes must be at least 1", file=sys.stderr)
+        return 2
     output_path.mkdir(parents=True, exist_ok=True)
     done = []
-    for name in models:
+    for i, name in enumerate(models, 1):
         model_dir = output_path / slug(name)
-        previous = finished(model_dir)
+        # what makes two runs the same: not the launcher, since results do not depend on the process count
+        request = {"model": name, "tasks": tasks, "metadata": metadata, "model_args": model_args,
+                   "lm_eval_args": [a for a in extra if a != "--"]}
+        previous, why = finished_run(model_dir, request)
         if previous is not None:
-            print(f"[jtc sweep] {name}: results exist ({previous}); skipped (delete the folder to rerun)")
+            print(f"[jtc sweep] {i}/{len(models)} {name}: finished earlier ({previous}); skipped (delete {model_dir} to rerun)")
             done.append((name, previous))
             continue
         pretrained = resolve_model(name)
-        cmd = lm_eval_command(pretrained, tasks, model_dir, metadata, extra)
-        print(f"[jtc sweep] {name}: {' '.join(cmd)}", flush=True)
+        before = set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True))
+        cmd, env = lm_eval_command(pretrained, tasks, model_dir, metadata, extra, model_args, processes)
+        print(f"[jtc sweep] {i}/{len(models)} {name} ({why}): {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env={**os.environ, **env})
         if code != 0:
-            print(f"[jtc sweep] {name}: lm_eval failed with exit code {code}; finished models are kept", file=sys.stderr)
+            print(f"[jtc sweep] {name}: lm_eval failed with exit code {code}; finished models are kept, "
+                  "and a rerun of the same command resumes from this model", file=sys.stderr)
             return code
-        results = finished(model_dir)
-        if results is None:
+        new = sorted(set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True)) - before)
+        if not new:
             print(f"[jtc sweep] {name}: lm_eval wrote no results under {model_dir}", file=sys.stderr)
             return 1
+        results = Path(new[-1])
+        atomic_write_json(model_dir / RECORD, {"request": request, "results": str(results.relative_to(model_dir)),
+                                               "seconds": round(time.perf_counter() - start, 1), "processes": processes})
         print(f"[jtc sweep] {name}: done in {time.perf_counter() - start:.0f} s")
         done.append((name, results))
     print("[jtc sweep] layer-averaged results (per-layer values and provenance in the results files):")

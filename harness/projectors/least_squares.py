@@ -17,6 +17,7 @@ import torch
 from .base import Projector
 
 PAIR_MODES = ("all", "last")
+BUFFER_BYTES = 384 << 20
 
 
 def stacked_gram_bytes(num_states: int, d: int) -> int:
@@ -48,13 +49,14 @@ def choose_pair_mode(requested: str, num_states: int, d: int) -> str:
 class GramAccumulator:
     """Second moments of hidden states h_0..h_L over fit positions, in float64."""
 
-    def __init__(self, num_states: int, d: int, pairs: str = "all", buffer_rows: int = 1024):
+    def __init__(self, num_states: int, d: int, pairs: str = "all", buffer_rows: int | None = None):
         self.num_states, self.d, self.pairs = num_states, d, pairs
         self.n = 0
         # Rows are buffered so that the large Gram is updated by a few big products, not many thin ones.
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
-        self.buffer_rows = buffer_rows
+        # as many rows as fit in BUFFER_BYTES of float64 (bigger products run faster), within [256, 4096]
+        self.buffer_rows = buffer_rows or max(256, min(4096, BUFFER_BYTES // (num_states * d * 8)))
         self.sums = torch.zeros(num_states, d, dtype=torch.float64)
         if pairs == "all":
             self.gram = torch.zeros(num_states * d, num_states * d, dtype=torch.float64)
@@ -80,8 +82,11 @@ class GramAccumulator:
         self.n += x.shape[1]
         self.sums += x.sum(1)
         if self.pairs == "all":
+            # only the blocks on and above the diagonal (the Gram is symmetric): half the products
+            d = self.d
             z = x.permute(1, 0, 2).reshape(x.shape[1], -1)
-            self.gram.addmm_(z.T, z)
+            for l in range(self.num_states):
+                self.gram[l * d:(l + 1) * d, l * d:].addmm_(z[:, l * d:(l + 1) * d].T, z[:, l * d:])
         else:
             self.diag += torch.einsum("lpd,lpe->lde", x, x)
             self.cross += torch.einsum("lpd,pe->lde", x[:-1], x[-1])
@@ -91,6 +96,8 @@ class GramAccumulator:
         self.flush()
         if self.pairs == "all":
             d = self.d
+            if l > m:  # stored above the diagonal only
+                return self.gram[m * d:(m + 1) * d, l * d:(l + 1) * d].T
             return self.gram[l * d:(l + 1) * d, m * d:(m + 1) * d]
         if l == m:
             return self.diag[l]

@@ -1,0 +1,69 @@
+"""`jtc sweep`: several models in turn, a leaderboard at the end, and a rerun that skips finished models."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from harness.sweep import RECORD, finished_run
+from installed import installed_package_dir
+
+
+def test_a_finished_run_counts_only_for_the_same_request(tmp_path):
+    request = {"model": "m", "tasks": "jtc_id_news", "metadata": {"n_eval": 8}, "model_args": "", "lm_eval_args": []}
+    assert finished_run(tmp_path, request) == (None, "no finished run")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results_1.json").write_text("{}")
+    (tmp_path / RECORD).write_text(json.dumps({"request": request, "results": "r/results_1.json"}))
+    assert finished_run(tmp_path, request) == (tmp_path / "r" / "results_1.json", "finished")
+    results, why = finished_run(tmp_path, {**request, "metadata": {"n_eval": 9}})
+    assert results is None and "metadata" in why
+    (tmp_path / "r" / "results_1.json").unlink()
+    results, why = finished_run(tmp_path, request)
+    assert results is None and "gone" in why
+
+
+@pytest.mark.slow
+def test_sweep_runs_models_in_turn_and_resumes(tmp_path):
+    if installed_package_dir() is None:
+        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
+    jtc = Path(sys.executable).parent / "jtc"
+    folders = []
+    for arch in ("llama", "gpt2"):
+        model, tok = tiny.build(arch, layers=2)
+        model.save_pretrained(tmp_path / arch)
+        tok.save_pretrained(tmp_path / arch)
+        folders.append(str(tmp_path / arch))
+    out = tmp_path / "sweep"
+    cmd = [str(jtc), "sweep", "--models", ",".join(folders), "--tasks", "jtc_id_news,jtc_mat_news",
+           "--output_path", str(out), "--n-eval", "8", "--n-fit", "40"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+
+    def sweep():
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout, sorted(glob.glob(str(out / "*" / "**" / "results_*.json"), recursive=True))
+
+    stdout, results = sweep()
+    assert len(results) == 2 and stdout.count("done in") == 2
+    assert (out / "leaderboard" / "index.html").is_file()
+    assert "peak memory" in stdout
+    for folder in folders:  # every model's results carry its own provenance
+        record = json.loads(next(out.glob(f"*{Path(folder).name}/{RECORD}")).read_text())
+        data = json.loads((next(out.glob(f"*{Path(folder).name}")) / record["results"]).read_text())
+        assert data["configs"]["jtc_mat_news"]["metadata"]["provenance"]["items"] == 8
+
+    stdout, again = sweep()  # nothing left to do
+    assert again == results and stdout.count("skipped") == 2 and "done in" not in stdout
+
+    # the second model was interrupted (no record): only it runs again
+    next(out.glob(f"*gpt2/{RECORD}")).unlink()
+    stdout, third = sweep()
+    assert stdout.count("skipped") == 1 and stdout.count("done in") == 1
+    assert len(third) == 3 and set(results) < set(third)
