@@ -105,3 +105,14 @@ def test_sliced_scoring_equals_the_metrics_of_the_whole_readout(arch, monkeypatc
     for name, value in whole.items():
         assert sliced[name].shape == value.shape == (L, 7)
         assert torch.allclose(sliced[name], value, rtol=1e-4, atol=1e-4), name
+
+
+def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
+    import torch
+
+    model, tok = tiny.build("llama", layers=2)
+    lens = build_lens_model(model.to(torch.bfloat16), tok)
+    requests = _requests(ProtocolConfig("paper", seed=3), n_items=6, n_fit=60)
+    responses = Engine(lens, batch_size=4).run(requests)
+    assert all(math.isfinite(r[m]) for r in responses for m in METRICS)
+    assert PROVENANCE[responses[0]["provenance"]]["dtype"] == "bfloat16"

@@ -98,3 +98,27 @@ def test_mat_recovers_the_exact_map_of_linear_blocks():
                 exact = exact @ w.double()
             M = fitted.mat.solutions[(l, m)][0]
             assert _rel_err(M.double().numpy(), exact.numpy()) < 1e-4, (l, m)
+
+
+def test_a_bfloat16_model_is_fitted_in_float64():
+    from harness.corpora import get_corpus
+    from harness.encoding import batches, encode
+    from harness.fitting import accumulate
+    from harness.protocols import build_items
+
+    model, tok = tiny.build("llama", layers=2)
+    lens = build_lens_model(model.to(torch.bfloat16), tok)
+    assert lens.dtype == torch.bfloat16
+    protocol = ProtocolConfig("dense", chunk_len=32)
+    items = build_items(get_corpus("wikipedia"), "train", protocol, limit=12)
+    encoded = [encode(it, tok, protocol, False) for it in items]
+    acc = accumulate(lens, encoded, "all", batch_size=4, desc="fit")
+    assert acc.gram.dtype == torch.float64 and acc.n > lens.d_model
+    ours = fit_least_squares(acc, intercept=False)
+    # reference: the same bfloat16 states, solved in float64 by lstsq
+    states = torch.cat([lens.capture(b.input_ids, b.attention_mask, b.rows, b.cols).double()
+                        for b in batches(encoded, 4, tok.pad_token_id or 0)], dim=1)
+    for l, m in ((0, 2), (1, 2), (0, 1)):
+        ref = torch.linalg.lstsq(states[l], states[m], driver="gelsd").solution
+        err = (ours[(l, m)][0] - ref).abs().max() / ref.abs().max()
+        assert err < 1e-6, (l, m, err)  # a bfloat16 accumulation would be off by ~1e-2
