@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 METRICS = LENS_METRICS + ("r2",)
 # Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
 LOGIT_BUDGET = 1 << 22
+# ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
+# 262k vocabulary), which a few rows cannot amortise.
+MIN_LOGIT_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,8 @@ class Engine:
     def _score(self, final_logits: torch.Tensor, projected: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Lens metrics (S, P), the logits materialised a slice of positions and layers at a time.
 
-        Slices stay near LOGIT_BUDGET elements, small enough for the passes over each to run from
-        cache; the final prediction's share of the metrics is computed once per slice of positions.
+        Slices stay near LOGIT_BUDGET elements (at least MIN_LOGIT_ROWS rows), small enough for the
+        passes over each to run from cache; the final prediction's share of the metrics is computed once per slice of positions.
         When the readout ends in a plain linear map (no soft-capping), sum_v p_v z_v, the expected
         lens logit under the final distribution p, is (p W) . f + p . b for the normalised vector f:
         a (P, d) product per slice of positions instead of a pass over every layer's logits.
@@ -234,8 +237,9 @@ class Engine:
         S, P, _ = projected.shape
         V = final_logits.shape[-1]
         lens = self.lens
-        pos_step = max(1, min(P, LOGIT_BUDGET // V))
-        layer_step = max(1, LOGIT_BUDGET // (pos_step * V))
+        rows = max(MIN_LOGIT_ROWS, LOGIT_BUDGET // V)
+        pos_step = max(1, min(P, rows))
+        layer_step = max(1, rows // pos_step)
         linear = not lens.softcap and isinstance(lens.unembed, torch.nn.Linear)
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for p0 in range(0, P, pos_step):

@@ -99,6 +99,7 @@ def test_sliced_scoring_equals_the_metrics_of_the_whole_readout(arch, monkeypatc
     targets = torch.randint(0, V, (7,), generator=gen)
     # slices of 2 positions and 1 layer at a time; the expected logit comes from (p W) . f on linear readouts
     monkeypatch.setattr(engine_module, "LOGIT_BUDGET", 2 * V)
+    monkeypatch.setattr(engine_module, "MIN_LOGIT_ROWS", 1)
     with torch.no_grad():
         sliced = Engine(lens)._score(final_logits, projected, targets)
         whole = lens_metrics(final_logits, lens.readout(projected).float(), targets)
