@@ -98,7 +98,7 @@ def main() -> int:
     print()
     for line in common.provenance_lines(args.model, folder, args.distribution, {
             "settings": f"positions {n}, batch {args.batch_size} items, best of {args.repeats}, mat fitted on {args.n_fit} paper items, "
-                        f"scorer slices of {engine_module.LOGIT_BUDGET} logits",
+                        f"scorer slices of {max(engine_module.MIN_LOGIT_ROWS, engine_module.LOGIT_BUDGET // V)} rows",
             "command": "python bench/scoring.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}):
         print(line)
     return 0
