@@ -89,7 +89,7 @@ def summarise(results_file: Path) -> list[str]:
     seconds = max((p.get("run_seconds", 0) for p in provs), default=0)
     if peaks:
         processes = max(p.get("processes", 1) for p in provs)
-        rows.append(f"  scoring and fitting {seconds:.0f} s on {processes} process(es); peak memory {max(peaks):,.0f} MiB per process")
+        rows.append(f"  scoring and fitting {seconds:.1f} s on {processes} process(es); peak memory {max(peaks):,.0f} MiB per process")
     return rows
 
 
