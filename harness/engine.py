@@ -182,14 +182,14 @@ class Engine:
         union = sorted({rec[0]: rec for records in everyone for rec in records}.values())
         mine = torch.tensor([owner[e.item_id] == self.group.rank for e in encoded], dtype=torch.bool)
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
+        keep = mine & ~pos0
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
-        var_no0 = self._set_variance(t_sum, t_sq, n_pos, mine & ~pos0)
+        var_no0 = self._set_variance(t_sum, t_sq, n_pos, keep)
         # r^2 without the items at position 0: per projector, the sum over owned items and their count
         no0_sums = torch.zeros(len(projectors), L + 1, dtype=torch.float64)
         r2_all = {}
         for j, key in enumerate(projectors):
             r2_all[key] = r2_per_item(sq_err[key], n_pos, var)
-            keep = mine & ~pos0
             if keep.any():
                 no0_sums[j, :L] = r2_per_item(sq_err[key][keep], n_pos[keep], var_no0).sum(0)
                 no0_sums[j, L] = keep.sum()
@@ -250,14 +250,12 @@ class Engine:
             row: dict[str, list[torch.Tensor]] = defaultdict(list)
             for s0 in range(0, S, layer_step):
                 features = lens.final_norm(projected[s0:s0 + layer_step, p0:p0 + pos_step].to(lens.dtype))
+                logits = lens.readout_features(features)
                 expected = None
                 if linear:
-                    logits = lens.unembed(features)
                     expected = torch.linalg.vecdot(features, pw[None]).float()
                     if pb is not None:
                         expected = expected + pb[None]
-                else:
-                    logits = lens.readout_features(features)
                 for m, v in lens_metrics_from(final, logits, targets[p0:p0 + pos_step], expected).items():
                     row[m].append(v)
             for m, v in row.items():

@@ -34,6 +34,10 @@ def slug(name: str) -> str:
 RECORD = "jtc_sweep.json"  # beside a model's results: what the finished run was asked to do
 
 
+def results_files(model_dir: Path) -> set[str]:
+    return set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True))
+
+
 def finished_run(model_dir: Path, request: dict) -> tuple[Path | None, str]:
     """The results of an earlier run of exactly ``request``, or None and the reason to run again."""
     record_file = model_dir / RECORD
@@ -124,7 +128,7 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
             done.append((name, previous))
             continue
         pretrained = resolve_model(name)
-        before = set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True))
+        before = results_files(model_dir)
         cmd, env = lm_eval_command(pretrained, tasks, model_dir, metadata, extra, model_args, processes)
         print(f"[jtc sweep] {i}/{len(models)} {name} ({why}): {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
@@ -133,7 +137,7 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
             print(f"[jtc sweep] {name}: lm_eval failed with exit code {code}; finished models are kept, "
                   "and a rerun of the same command resumes from this model", file=sys.stderr)
             return code
-        new = sorted(set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True)) - before)
+        new = sorted(results_files(model_dir) - before)
         if not new:
             print(f"[jtc sweep] {name}: lm_eval wrote no results under {model_dir}", file=sys.stderr)
             return 1

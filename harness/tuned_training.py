@@ -226,10 +226,11 @@ class TunedTrainer:
                 opt.zero_grad(set_to_none=False)
                 sched.step()
                 step += 1
-                tokens += sum(c.numel() for c in step_chunks)
+                step_tokens = sum(c.numel() for c in step_chunks)
+                tokens += step_tokens
                 mean_loss = sum(step_losses) / L
                 losses.append(round(mean_loss, 6))
-                bar.update(sum(c.numel() for c in step_chunks))
+                bar.update(step_tokens)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", step=step)
                 self._save_checkpoint(W, b, opt, sched, step, tokens, losses)
                 if r.stop_at is not None and mean_loss <= r.stop_at:
