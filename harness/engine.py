@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
-from .encoding import batches, encode
+from .encoding import ItemError, batches, encode_all
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
 from .metrics import LENS_METRICS, final_stats, lens_metrics_from, r2_per_item
 from .models import LensModel
@@ -143,7 +143,7 @@ class Engine:
         """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol)."""
         distribution, split, protocol = group
         lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
-        encoded = [encode(it, lens.tokenizer, protocol, lens.masked, self.max_length) for it in items]
+        encoded, too_short = encode_all(items, lens.tokenizer, protocol, lens.masked, self.max_length)
         index = {e.item_id: k for k, e in enumerate(encoded)}
         N = len(encoded)
         values = {key: {m: torch.zeros(N, L, dtype=torch.float64) for m in LENS_METRICS} for key in projectors}
@@ -174,12 +174,21 @@ class Engine:
                 bar.update(len(batch.encoded))
         # The evaluation set is the union of every process's items; an item that reached several processes
         # counts once, for the first of them.
-        everyone = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded])
+        gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded],
+                                      too_short))
+        everyone = [records for records, _ in gathered]
         owner: dict[str, int] = {}
         for rank, records in enumerate(everyone):
             for rec in records:
                 owner.setdefault(rec[0], rank)
         union = sorted({rec[0]: rec for records in everyone for rec in records}.values())
+        skipped_all = {k: v for _, theirs in gathered for k, v in theirs.items()}
+        if not union:
+            raise ItemError(f"no item of {distribution}/{split} can be scored: all {len(skipped_all)} are too short "
+                            f"(e.g. {next(iter(skipped_all.values()), 'none given')})")
+        if skipped_all:
+            log.warning("jtc: %d item(s) of %s/%s are too short to score; they are skipped and listed in the provenance",
+                        len(skipped_all), distribution, split)
         mine = torch.tensor([owner[e.item_id] == self.group.rank for e in encoded], dtype=torch.bool)
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
         keep = mine & ~pos0
@@ -196,6 +205,7 @@ class Engine:
         self.group.sum_([no0_sums])
         n_pos0 = sum(1 for rec in union if rec[3])
         prov = self._group_provenance(group, union, n_pos0)
+        prov["items_skipped"] = {"too_short": sorted(skipped_all)}
         prov["items_per_process"] = [len(records) for records in everyone]
         out = {}
         for j, key in enumerate(projectors):
@@ -212,6 +222,8 @@ class Engine:
                 row["r2"] = sum(r2_vals) / L
                 row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
                 per_item[e.item_id] = row
+            for item_id, reason in too_short.items():
+                per_item[item_id] = {"skipped": reason}  # no metric values: lm-eval leaves it out of every mean
             key_prov = dict(prov)
             if 0 < n_pos0 < len(union):
                 mean_no0 = no0_sums[j, :L] / no0_sums[j, L]

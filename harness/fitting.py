@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
-from .encoding import batches, encode
+from .encoding import ItemError, batches, encode_all
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 from .projectors.cache import load_entry, save_entry
@@ -44,11 +44,19 @@ class FittedLeastSquares:
 
 
 def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
+    """The fit items that can be scored, the ids of those too short to be (skipped, listed in the fit info), and
+    the hash of the data used."""
     corpus = get_corpus(spec.fit_on)
     items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
-    encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
+    encoded, skipped = encode_all(items, lens.tokenizer, spec.protocol, lens.masked, max_length)
+    if not encoded:
+        raise ItemError(f"none of the {len(items)} fit item(s) of {spec.fit_on}/train can be scored "
+                        f"({next(iter(skipped.values()), 'no items')})")
+    if skipped:
+        log.warning("%d of %d fit item(s) of %s/train are too short to score and are skipped (listed in the fit info)",
+                    len(skipped), len(items), spec.fit_on)
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
-    return corpus, encoded, data_hash
+    return corpus, encoded, sorted(skipped), data_hash
 
 
 def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
@@ -72,7 +80,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now
     (by all processes of ``group`` together; the main one writes the cache entry)."""
     fingerprint = fingerprint or lens.fingerprint()
-    corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
+    corpus, encoded, too_short, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
     key = {
         "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
@@ -102,6 +110,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "fit_corpus_sha256": corpus.source_hash,
         "fit_split": "train",
         "fit_items": len(encoded),
+        "fit_items_skipped": {"too_short": too_short},
         "fit_positions": acc.n,
         "fit_data_sha256": data_hash,
         "pairs": pairs,

@@ -84,6 +84,14 @@ class TaskRun:
         return (pconf.get("fit_items") or pconf.get("n_fit")) if isinstance(pconf, dict) else None
 
     @property
+    def skipped_ids(self) -> set[str]:
+        """Items the run listed as not scored (too short, ...): their samples carry no metric values."""
+        recorded = self.provenance.get("items_skipped")
+        if not isinstance(recorded, dict):
+            return set()
+        return {str(i) for ids in recorded.values() if isinstance(ids, list) for i in ids}
+
+    @property
     def fit_label(self) -> str:
         """Projector name with its fit distribution whenever it has one (for views that mix fits)."""
         return f"{self.projector} (fit on {self.fit_on})" if self.fit_on else self.projector
@@ -336,11 +344,13 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
     """Per-item values of ``metrics`` at every layer, keyed by the item id in each line's ``doc``.
 
     Raises ValueError naming the file for a missing file, an unreadable line, or a line without
-    an item id or a metric value: a comparison cannot quietly drop items.
+    an item id or a metric value: a comparison cannot quietly drop items. Items the run's provenance
+    lists as skipped (not scored) are the exception: their lines are passed over.
     """
     if task.samples_file is None:
         raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
     ids: list[str] = []
+    skipped = task.skipped_ids
     columns = {m: [[] for _ in range(task.num_layers)] for m in metrics}
     with task.samples_file.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -349,6 +359,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
             try:
                 row = json.loads(line)
                 item = row["doc"]["item_id"]
+                if item in skipped:
+                    continue
                 for m in metrics:
                     for l in range(task.num_layers):
                         columns[m][l].append(float(row[f"{m}.L{l}"]))

@@ -12,3 +12,22 @@ def installed_package_dir() -> Path | None:
         return None
     init = next((f for f in dist.files or [] if str(f) == "harness/__init__.py"), None)
     return Path(dist.locate_file(init)).parent if init else None
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def lm_eval_launch(env: dict) -> tuple[list[str], dict] | None:
+    """How a test starts the stock lm_eval command: the installed wheel when there is one (PYTHONPATH
+    removed, so that nothing of the checkout is importable), else this checkout's code and task folder.
+    None when neither is available."""
+    import sys
+
+    pkg = installed_package_dir()
+    exe = Path(sys.executable).parent / "lm_eval"
+    if pkg is not None and (pkg / "tasks").is_dir() and exe.exists():
+        return [str(exe)], {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    if not (CHECKOUT / "tasks").is_dir():
+        return None
+    return ([sys.executable, "-m", "lm_eval", "--include_path", str(CHECKOUT / "tasks")],
+            {**env, "PYTHONPATH": str(CHECKOUT)})

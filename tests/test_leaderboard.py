@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from installed import installed_package_dir
+from installed import lm_eval_launch
 from harness.cli import main as jtc
 from harness.stats import compare
 from leaderboard.build import N_RESAMPLES, build_site, fmt
@@ -38,20 +38,19 @@ def lm_eval_out(tmp_path_factory) -> Path:
     """lm-eval output folder of one run of the tiny llama on news and wikipedia, all three projectors."""
     if "out" in _RUN:
         return _RUN["out"]
-    pkg = installed_package_dir()
-    exe = Path(sys.executable).parent / "lm_eval"
-    if pkg is None or not (pkg / "tasks").is_dir() or not exe.exists():
-        pytest.skip("jtc-lens is not installed as a wheel with the lm_eval command beside the interpreter (pip install .)")
+    launch = lm_eval_launch(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    prefix, env = launch
     root = tmp_path_factory.mktemp("lb-run")
     model, tok = tiny.build("llama", layers=LAYERS)
     model_dir = root / MODEL_DIR_NAME
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = root / "out"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(root / "cache"), TQDM_DISABLE="1")
-    cmd = [str(exe), "--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
-           "--output_path", str(out), "--log_samples", "--metadata", json.dumps({"n_eval": 12, "n_fit": 60})]
+    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
+                    "--output_path", str(out), "--log_samples", "--metadata", json.dumps({"n_eval": 12, "n_fit": 60})]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results,) = glob.glob(str(out / "*" / "results_*.json"))

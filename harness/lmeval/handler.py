@@ -47,6 +47,8 @@ class LensResponse:
 
     def __str__(self) -> str:
         v = self.values
+        if "skipped" in v:
+            return f"jtc item {self.item_id}: skipped ({v['skipped']}), provenance {v.get('provenance')}"
         return (f"jtc item {self.item_id}: position {v.get('position')}, {v.get('n_positions')} scored, "
                 f"{v.get('n_tokens')} tokens, provenance {v.get('provenance')}")
 
