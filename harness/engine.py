@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import nonfinite
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
@@ -70,8 +71,10 @@ class Engine:
     gets its own share of the requests; projectors are fitted on all fit data together, and everything
     an item's metrics depend on beyond the item itself (the target variance of r^2) is summed over the group."""
 
-    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None, group: Group = SINGLE):
+    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None, group: Group = SINGLE,
+                 on_nonfinite: str = "error"):
         self.lens = lens
+        self.on_nonfinite = nonfinite.check_mode(on_nonfinite)
         self.batch_size = batch_size
         self.max_length = max_length
         self.group = group
@@ -125,7 +128,8 @@ class Engine:
                 out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group)
                 continue
             if fit not in fit_info:
-                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
+                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group,
+                                           on_nonfinite=self.on_nonfinite)
                 fit_info[fit] = fitted.info
                 out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
         return out, fit_info
@@ -152,44 +156,60 @@ class Engine:
         # per-item sums of the target and its square: the variance of any subset of items follows
         t_sum = torch.zeros(N, d, dtype=torch.float64)
         t_sq = torch.zeros(N, d, dtype=torch.float64)
+        bad_model: dict[str, dict] = {}  # items with non-finite hidden states or final logits
+        bad_projector: dict[str, dict] = {}  # items a projector turned non-finite (a projector fault: never dropped)
         pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
         sources = list(range(L))
         with torch.no_grad(), tqdm(total=N, desc=f"jtc {distribution}/{split} ({len(projectors)} projectors)", unit="item") as bar:
             for batch in batches(encoded, self.batch_size, pad):
+                bar.update(len(batch.encoded))
                 owner = torch.tensor([index[batch.encoded[o].item_id] for o in batch.owner.tolist()])
                 states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
+                final_logits = lens.readout(states[L]).float()
+                targets = batch.targets.to(final_logits.device)
+                mask, first = nonfinite.bad_positions(states, final_logits)
+                if mask.any():
+                    # the item leaves before anything is pooled over items (r^2's target variance)
+                    found = nonfinite.per_item([e.item_id for e in encoded], owner, mask, first)
+                    bad_model.update(found)
+                    keep = torch.tensor([encoded[o].item_id not in found for o in owner.tolist()])
+                    owner, targets = owner[keep], targets[keep.to(targets.device)]
+                    states, final_logits = states[:, keep.to(states.device)], final_logits[keep.to(final_logits.device)]
+                if not len(owner) or (bad_model and self.on_nonfinite == "error"):
+                    continue  # the run will stop: only the list of bad items is still wanted
                 target = states[L]
                 t64 = target.double().cpu()
                 t_sum.index_add_(0, owner, t64)
                 t_sq.index_add_(0, owner, t64 * t64)
                 n_pos.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
-                final_logits = lens.readout(target).float()
-                targets = batch.targets.to(final_logits.device)
                 for key, projector in projectors.items():
                     projected = projector.project(states, sources, L)
-                    for m, v in self._score(final_logits, projected, targets).items():
+                    scores = self._score(final_logits, projected, targets)
+                    self._note_nonfinite(key, projected, scores, owner, encoded, bad_projector)
+                    for m, v in scores.items():
                         values[key][m].index_add_(0, owner, v.T.double().cpu())
                     diff = (projected - target[None]).float()
                     sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
-                bar.update(len(batch.encoded))
         # The evaluation set is the union of every process's items; an item that reached several processes
-        # counts once, for the first of them.
+        # counts once, for the first of them. Every process learns of every problem before any of them stops.
         gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded],
-                                      too_short))
-        everyone = [records for records, _ in gathered]
+                                      too_short, bad_model, bad_projector))
+        where = f"{distribution}/{split}"
+        too_short_all = {k: v for g in gathered for k, v in g[1].items()}
+        dropped = self._bad_items_agreed([g[2] for g in gathered], [g[3] for g in gathered], where)
+        everyone = [[rec for rec in g[0] if rec[0] not in dropped] for g in gathered]
         owner: dict[str, int] = {}
         for rank, records in enumerate(everyone):
             for rec in records:
                 owner.setdefault(rec[0], rank)
         union = sorted({rec[0]: rec for records in everyone for rec in records}.values())
-        skipped_all = {k: v for _, theirs in gathered for k, v in theirs.items()}
         if not union:
-            raise ItemError(f"no item of {distribution}/{split} can be scored: all {len(skipped_all)} are too short "
-                            f"(e.g. {next(iter(skipped_all.values()), 'none given')})")
-        if skipped_all:
-            log.warning("jtc: %d item(s) of %s/%s are too short to score; they are skipped and listed in the provenance",
-                        len(skipped_all), distribution, split)
-        mine = torch.tensor([owner[e.item_id] == self.group.rank for e in encoded], dtype=torch.bool)
+            raise ItemError(f"no item of {where} can be scored: {len(too_short_all)} too short "
+                            f"(e.g. {next(iter(too_short_all.values()), 'none')}), {len(dropped)} with non-finite values")
+        if too_short_all:
+            log.warning("jtc: %d item(s) of %s are too short to score; they are skipped and listed in the provenance",
+                        len(too_short_all), where)
+        mine = torch.tensor([owner.get(e.item_id) == self.group.rank for e in encoded], dtype=torch.bool)
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
         keep = mine & ~pos0
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
@@ -197,21 +217,27 @@ class Engine:
         # r^2 without the items at position 0: per projector, the sum over owned items and their count
         no0_sums = torch.zeros(len(projectors), L + 1, dtype=torch.float64)
         r2_all = {}
+        scored = torch.tensor([e.item_id not in dropped for e in encoded], dtype=torch.bool)
         for j, key in enumerate(projectors):
-            r2_all[key] = r2_per_item(sq_err[key], n_pos, var)
+            r2_all[key] = r2_per_item(sq_err[key], n_pos.clamp_min(1), var)
             if keep.any():
                 no0_sums[j, :L] = r2_per_item(sq_err[key][keep], n_pos[keep], var_no0).sum(0)
                 no0_sums[j, L] = keep.sum()
         self.group.sum_([no0_sums])
         n_pos0 = sum(1 for rec in union if rec[3])
         prov = self._group_provenance(group, union, n_pos0)
-        prov["items_skipped"] = {"too_short": sorted(skipped_all)}
+        prov["items_skipped"] = {"too_short": sorted(too_short_all), "nonfinite": sorted(dropped)}
+        prov["on_nonfinite"] = self.on_nonfinite
         prov["items_per_process"] = [len(records) for records in everyone]
         out = {}
         for j, key in enumerate(projectors):
             r2 = r2_all[key]
             per_item = {}
             for k, e in enumerate(encoded):
+                if not scored[k]:
+                    per_item[e.item_id] = {"skipped": "non-finite values from "
+                                           + nonfinite.layer_name(dropped[e.item_id]["layer"], L)}
+                    continue
                 row = {}
                 for m in LENS_METRICS:
                     layer_vals = (values[key][m][k] / n_pos[k]).tolist()
@@ -230,6 +256,33 @@ class Engine:
                 key_prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in mean_no0.tolist()]
             out[key] = (per_item, key_prov)
         return out
+
+    def _note_nonfinite(self, key: tuple, projected: torch.Tensor, scores: dict, owner: torch.Tensor,
+                        encoded: list, bad: dict) -> None:
+        """Record items whose projected states or metrics a projector made non-finite (from finite hidden states)."""
+        flags = ~torch.isfinite(projected).all(dim=-1)  # (S, P)
+        for v in scores.values():
+            flags |= ~torch.isfinite(v).to(flags.device)
+        if flags.any():
+            for o, layer in zip(owner[flags.any(0).cpu()].tolist(), flags.int().argmax(0)[flags.any(0)].tolist()):
+                bad.setdefault(encoded[o].item_id, {"projector": key[0], "layer": layer})
+
+    def _bad_items_agreed(self, bad_model: list[dict], bad_projector: list[dict], where: str) -> dict[str, dict]:
+        """Items to drop, the same on every process; or the error that stops the run, raised on every process."""
+        projector = {k: v for theirs in bad_projector for k, v in theirs.items()}
+        if projector:
+            some = sorted(projector.items())[:5]
+            raise nonfinite.NonFiniteError(
+                f"projector output is non-finite on {len(projector)} item(s) of {where} whose hidden states are finite: "
+                + "; ".join(f"{k} ({v['projector']}, layer {v['layer']})" for k, v in some)
+                + ". The projector, not the model, is at fault (a fit on non-finite or degenerate data?)")
+        model = {k: v for theirs in bad_model for k, v in theirs.items()}
+        if model and self.on_nonfinite == "error":
+            raise nonfinite.NonFiniteError(nonfinite.message(self.lens.name, where, model, self.lens.num_layers))
+        if model:
+            log.warning("jtc: %d item(s) of %s have non-finite hidden states or logits; dropped and listed in the provenance",
+                        len(model), where)
+        return model
 
     def _set_variance(self, t_sum, t_sq, n_pos, rows: torch.Tensor) -> torch.Tensor:
         """Variance per target coordinate over all positions of the selected items of every process."""

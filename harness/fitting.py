@@ -8,7 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from . import nonfinite
 
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
@@ -59,26 +62,47 @@ def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     return corpus, encoded, sorted(skipped), data_hash
 
 
-def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
-    """Gram statistics over ``encoded``: each process of ``group`` reads its share, then the sums are combined."""
+def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE,
+               on_nonfinite: str = "error", where: str = "the fit data") -> tuple[GramAccumulator, dict[str, dict]]:
+    """Gram statistics over ``encoded``: each process of ``group`` reads its share, then the sums are combined.
+
+    Items with non-finite hidden states never reach the sums; they are returned (id: first bad state and count,
+    over every process), and under ``on_nonfinite="error"`` stop the fit with a message naming them.
+    """
     acc = GramAccumulator(lens.num_layers + 1, lens.d_model, pairs)
     pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
     share = group.shard(encoded)
+    bad: dict[str, dict] = {}
     if group.distributed:
         desc += f" [process {group.rank + 1}/{group.world_size}]"
     with tqdm(total=len(share), desc=desc, unit="item") as bar:
         for batch in batches(share, batch_size, pad):
-            acc.update(lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols))
+            states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+            mask, first = nonfinite.bad_positions(states)
+            if mask.any():
+                found = nonfinite.per_item([e.item_id for e in batch.encoded], batch.owner, mask, first)
+                bad.update(found)
+                keep = torch.tensor([batch.encoded[o].item_id not in found for o in batch.owner.tolist()])
+                states = states[:, keep.to(states.device)]
+            if not (bad and on_nonfinite == "error"):  # once the fit is bound to stop, only the list of bad items is wanted
+                acc.update(states)
             bar.update(len(batch.encoded))
+    # every process learns of every bad item before any of them stops, so none waits in a collective
+    bad = {k: v for theirs in group.gather(bad) for k, v in theirs.items()}
+    if bad and on_nonfinite == "error":
+        raise nonfinite.NonFiniteError(nonfinite.message(lens.name, where, bad, lens.num_layers))
+    if len(bad) == len(encoded):
+        raise nonfinite.NonFiniteError(f"model {lens.name}: every item of {where} has non-finite hidden states; nothing to fit on")
     acc.flush()
     acc.reduce(group.sum_)
-    return acc
+    return acc, bad
 
 
 def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: int | None = None,
-                      fingerprint: dict | None = None, group: Group = SINGLE) -> FittedLeastSquares:
+                      fingerprint: dict | None = None, group: Group = SINGLE, on_nonfinite: str = "error") -> FittedLeastSquares:
     """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now
-    (by all processes of ``group`` together; the main one writes the cache entry)."""
+    (by all processes of ``group`` together; the main one writes the cache entry). Fit items with non-finite
+    hidden states stop the fit, or under ``on_nonfinite="drop"`` are left out and listed in the fit info."""
     fingerprint = fingerprint or lens.fingerprint()
     corpus, encoded, too_short, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
@@ -90,6 +114,8 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "n_fit": spec.n_fit,
         "pairs": pairs,
     }
+    if nonfinite.check_mode(on_nonfinite) == "drop":
+        key["on_nonfinite"] = "drop"  # a fit that may have dropped items never stands in for one that may not
     cached = load_entry(key)
     if group.all(cached is not None):
         tensors, meta = cached
@@ -100,7 +126,10 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
             {**meta["info"], "cache": "hit"},
         )
     start = time.perf_counter()
-    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group)
+    acc, bad = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group,
+                          on_nonfinite=on_nonfinite, where=f"{spec.fit_on}/train (fit data)")
+    if bad:
+        log.warning("%d fit item(s) with non-finite hidden states dropped (listed in the fit info)", len(bad))
     if acc.n <= lens.d_model:
         log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
     mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
@@ -109,8 +138,8 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
         "fit_split": "train",
-        "fit_items": len(encoded),
-        "fit_items_skipped": {"too_short": too_short},
+        "fit_items": len(encoded) - len(bad),
+        "fit_items_skipped": {"too_short": too_short, **({"nonfinite": sorted(bad)} if on_nonfinite == "drop" else {})},
         "fit_positions": acc.n,
         "fit_data_sha256": data_hash,
         "pairs": pairs,
