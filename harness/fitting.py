@@ -12,12 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import nonfinite
-
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
+from .projectors.least_squares import RIDGE_GRID, choose_ridge
 from .projectors.cache import load_entry, save_entry
 from .protocols import ProtocolConfig, build_items
 from .projectors.tuned import TunedProjector, import_tuned_lens
@@ -34,9 +34,16 @@ class FitSpec:
     protocol: ProtocolConfig
     n_fit: int
     pairs: str = "last"
+    ridge: float | str = 0.0  # relative to the Gram matrix's mean diagonal; "auto": chosen on held-out fit items
 
     def as_dict(self) -> dict:
-        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs}
+        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs,
+                "ridge": self.ridge}
+
+
+# Positions per dimension below which a least-squares map is poorly determined (recorded as a warning).
+FIT_POSITIONS_PER_DIM = 10
+HELD_OUT_EVERY = 5  # ridge=auto: every 5th fit item is held out to choose the penalty
 
 
 @dataclass
@@ -60,6 +67,13 @@ def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
                     len(skipped), len(items), spec.fit_on)
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
     return corpus, encoded, sorted(skipped), data_hash
+
+
+def fit_warnings(positions: int, d: int) -> list[str]:
+    if positions < FIT_POSITIONS_PER_DIM * d:
+        return [f"{positions} fit positions for d = {d} dimensions ({positions / d:.1f} per dimension, fewer than "
+                f"{FIT_POSITIONS_PER_DIM}): mat / affine may extrapolate badly to states unlike the fit data; raise n_fit or set ridge"]
+    return []
 
 
 def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE,
@@ -91,7 +105,7 @@ def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str,
     bad = {k: v for theirs in group.gather(bad) for k, v in theirs.items()}
     if bad and on_nonfinite == "error":
         raise nonfinite.NonFiniteError(nonfinite.message(lens.name, where, bad, lens.num_layers))
-    if len(bad) == len(encoded):
+    if encoded and len(bad) == len(encoded):
         raise nonfinite.NonFiniteError(f"model {lens.name}: every item of {where} has non-finite hidden states; nothing to fit on")
     acc.flush()
     acc.reduce(group.sum_)
@@ -113,6 +127,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "protocol": spec.protocol.as_dict(),
         "n_fit": spec.n_fit,
         "pairs": pairs,
+        "ridge": spec.ridge,
     }
     if nonfinite.check_mode(on_nonfinite) == "drop":
         key["on_nonfinite"] = "drop"  # a fit that may have dropped items never stands in for one that may not
@@ -126,25 +141,45 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
             {**meta["info"], "cache": "hit"},
         )
     start = time.perf_counter()
-    acc, bad = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group,
-                          on_nonfinite=on_nonfinite, where=f"{spec.fit_on}/train (fit data)")
+    desc = f"fit mat/affine on {spec.fit_on}/train"
+    checked = {"group": group, "on_nonfinite": on_nonfinite, "where": f"{spec.fit_on}/train (fit data)"}
+    ridge_info: dict = {"ridge": spec.ridge}
+    if spec.ridge == "auto":
+        held_items = encoded[::HELD_OUT_EVERY]
+        train_items = [e for k, e in enumerate(encoded) if k % HELD_OUT_EVERY]
+        train, bad = accumulate(lens, train_items, pairs, batch_size, desc=desc + " (fit part)", **checked)
+        held, bad_held = accumulate(lens, held_items, pairs, batch_size, desc=desc + " (held-out part)", **checked)
+        acc, bad = train.add(held), {**bad, **bad_held}
+        ridges, rel_err = {}, {}
+        for name, intercept in (("mat", False), ("affine", True)):
+            ridges[name], errors = choose_ridge(train, held, intercept)
+            rel_err[name] = {str(l): [round(e, 6) for e in errs] for l, errs in errors.items()}
+        ridge_info = {"ridge": "auto", "ridge_grid": list(RIDGE_GRID), "held_out_items": len(held_items),
+                      "ridge_chosen": {name: {str(l): lam for l, lam in r.items()} for name, r in ridges.items()},
+                      "held_out_error_relative_to_ridge_0": rel_err}
+    else:
+        acc, bad = accumulate(lens, encoded, pairs, batch_size, desc=desc, **checked)
+        ridges = {"mat": float(spec.ridge), "affine": float(spec.ridge)}
     if bad:
         log.warning("%d fit item(s) with non-finite hidden states dropped (listed in the fit info)", len(bad))
-    if acc.n <= lens.d_model:
-        log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
-    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
-    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
+    warnings_ = fit_warnings(acc.n, lens.d_model)
+    for message in warnings_:
+        log.warning("fitting on %s: %s", spec.fit_on, message)
+    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False, ridge=ridges["mat"]))
+    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True, ridge=ridges["affine"]))
     info = {
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
         "fit_split": "train",
         "fit_items": len(encoded) - len(bad),
-        "fit_items_skipped": {"too_short": too_short, **({"nonfinite": sorted(bad)} if on_nonfinite == "drop" else {})},
+        "fit_items_skipped": {"too_short": too_short, "nonfinite": sorted(bad)},
         "fit_positions": acc.n,
         "fit_data_sha256": data_hash,
         "pairs": pairs,
         "fit_seconds": round(time.perf_counter() - start, 2),
         "accumulation": "float64 Gram matrices, one pass",
+        **ridge_info,
+        "warnings": warnings_,
         "processes": group.world_size,
         "versions": versions(),
     }
