@@ -61,7 +61,7 @@ def test_short_items_are_skipped_in_the_fit_and_the_evaluation(tmp_path):
     assert len(responses) == len(requests)  # one response per request, scored or not
     for req, resp in zip(requests, responses):
         prov = PROVENANCE[resp["provenance"]]
-        assert prov["items_skipped"]["too_short"] == short_eval
+        assert prov["items_skipped"] == {"too_short": short_eval, "nonfinite": []}
         assert prov["items"] == len(items) - len(short_eval)
         if req.item.item_id in short_eval:
             assert "1 token" in resp["skipped"]
@@ -70,7 +70,7 @@ def test_short_items_are_skipped_in_the_fit_and_the_evaluation(tmp_path):
             assert all(math.isfinite(resp[f"p@1.L{l}"]) for l in range(lens.num_layers))
         if req.projector == "mat":
             info = prov["projector_config"]
-            assert info["fit_items_skipped"] == {"too_short": short_fit}
+            assert info["fit_items_skipped"] == {"too_short": short_fit, "nonfinite": []}
             assert info["fit_items"] == len(build_items(get_corpus(name), "train", PROTOCOL)) - len(short_fit)
 
 
