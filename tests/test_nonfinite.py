@@ -176,3 +176,53 @@ def test_padding_does_not_carry_a_bad_value_to_other_rows():
     (clean,) = [lens.capture(b.input_ids, b.attention_mask, b.rows, b.cols) for b in batches(alone, 12, pad)]
     order = [ids.index(e.item_id) for e in sorted(alone, key=lambda e: len(e.input_ids))]
     torch.testing.assert_close(states[:, order], clean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_path):
+    import glob
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from installed import lm_eval_launch
+
+    launch = lm_eval_launch(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    prefix, env = launch
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+    model, tok = tiny.build("qwen2", layers=2)  # untied embeddings: the readout stays finite
+    protocol = ProtocolConfig("paper", seed=1234)
+    items = build_items(get_corpus("news"), "validation", protocol, limit=12)
+    encoded = {it.item_id: encode(it, tok, protocol, False) for it in items}
+    inputs = {k: e.input_ids for k, e in encoded.items()}
+    check = set(tok("The quick brown fox jumps over the lazy dog because it was late.")["input_ids"])
+    counts = {t: sum(t in ids for ids in inputs.values()) for t in set().union(*map(set, inputs.values())) - check}
+    token = min((t for t, c in counts.items() if 2 <= c <= 4), key=lambda t: (counts[t], t))
+    bad = sorted(k for k, ids in inputs.items() if token in ids)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("inf")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+
+    def run(options: dict):
+        cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "jtc_id_news",
+                        "--output_path", str(tmp_path / "out"), "--log_samples", "--metadata", json.dumps({"n_eval": 12, **options})]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+    stopped = run({})
+    assert stopped.returncode != 0 and "NonFiniteError" in stopped.stderr
+    assert f"on {len(bad)} item(s) of news/validation" in stopped.stderr
+    for item_id in bad:  # the embedding is inf at the token; later positions see it through attention in h_1
+        e = encoded[item_id]
+        assert f"{item_id} (from hidden state {0 if e.input_ids[e.positions[0]] == token else 1}" in stopped.stderr
+    dropped = run({"on_nonfinite": "drop"})
+    assert dropped.returncode == 0, dropped.stderr[-4000:]
+    (results_file,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    results = json.loads(Path(results_file).read_text())
+    prov = results["configs"]["jtc_id_news"]["metadata"]["provenance"]
+    assert prov["items_skipped"]["nonfinite"] == bad and prov["on_nonfinite"] == "drop"
+    assert results["n-samples"]["jtc_id_news"] == {"original": 12, "effective": 12 - len(bad)}
+    assert all(math.isfinite(v) for k, v in results["results"]["jtc_id_news"].items() if isinstance(v, float))

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
 from harness.fitting import FitSpec, get_least_squares
 from harness.models import build_lens_model
 from harness.protocols import ProtocolConfig, build_items
+from installed import lm_eval_launch
 
-ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ProtocolConfig("dense", seed=0, chunk_len=16)
 SENTENCE = "Document {k} says that the quick brown fox jumps over the lazy dog because it was late."
 
@@ -88,18 +87,19 @@ def test_nothing_left_to_score_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_runs_a_custom_corpus_with_a_one_token_document_to_the_end(tmp_path):
-    """The stock lm_eval command on this checkout (its task folder named explicitly)."""
+    launch = lm_eval_launch(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    prefix, env = launch
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
     corpus = _corpus_file(tmp_path)
     model, tok = tiny.build("llama", layers=2)
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     meta = {"corpus": f"file:{corpus}", "protocol": "dense", "chunk_len": 16, "seed": 0, "n_eval": "all", "n_fit": 1000}
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}",
-           "--tasks", "custom_jtc_id,custom_jtc_mat", "--include_path", str(ROOT / "tasks"), "--output_path", str(out),
-           "--log_samples", "--metadata", json.dumps(meta)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "JTC_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
+    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "custom_jtc_id,custom_jtc_mat",
+                    "--output_path", str(out), "--log_samples", "--metadata", json.dumps(meta)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results_file,) = glob.glob(str(out / "*" / "results_*.json"))

@@ -105,6 +105,7 @@ class JTCTask(ConfigurableTask):
             "item_id": doc["item_id"],
             "u": doc["u"],
             "batch_size": meta["jtc_batch_size"],
+            "on_nonfinite": meta["on_nonfinite"],
         }
         if meta["projector"] == "tuned":
             spec.update(fit_on=meta["fit_on"], recipe={
