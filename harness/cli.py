@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     leaderboard.add_argument("--alpha", type=float, default=0.05, help="family-wise error level of the Holm-corrected tests")
     leaderboard.add_argument("--resamples", type=int, default=2000, help="bootstrap and permutation resamples per layer")
     leaderboard.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    leaderboard.add_argument("--without-position-0", action="store_true",
+                             help="run the paired tests on the items not scored at position 0 (a one-token input without BOS)")
     leaderboard.set_defaults(func=_leaderboard)
     args = parser.parse_args(argv)
     try:

@@ -211,27 +211,21 @@ class Engine:
                         len(too_short_all), where)
         mine = torch.tensor([owner.get(e.item_id) == self.group.rank for e in encoded], dtype=torch.bool)
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
-        keep = mine & ~pos0
-        var = self._set_variance(t_sum, t_sq, n_pos, mine)
-        var_no0 = self._set_variance(t_sum, t_sq, n_pos, keep)
-        # r^2 without the items at position 0: per projector, the sum over owned items and their count
-        no0_sums = torch.zeros(len(projectors), L + 1, dtype=torch.float64)
-        r2_all = {}
         scored = torch.tensor([e.item_id not in dropped for e in encoded], dtype=torch.bool)
-        for j, key in enumerate(projectors):
-            r2_all[key] = r2_per_item(sq_err[key], n_pos.clamp_min(1), var)
-            if keep.any():
-                no0_sums[j, :L] = r2_per_item(sq_err[key][keep], n_pos[keep], var_no0).sum(0)
-                no0_sums[j, L] = keep.sum()
-        self.group.sum_([no0_sums])
+        var = self._set_variance(t_sum, t_sq, n_pos, mine)
+        per_position = n_pos.clamp_min(1)[:, None]  # dropped items have no position; their rows are not reported
+        item_values = {key: {**{m: values[key][m] / per_position for m in LENS_METRICS},
+                             "r2": r2_per_item(sq_err[key], n_pos.clamp_min(1), var)} for key in projectors}
         n_pos0 = sum(1 for rec in union if rec[3])
+        without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values)
         prov = self._group_provenance(group, union, n_pos0)
         prov["items_skipped"] = {"too_short": sorted(too_short_all), "nonfinite": sorted(dropped)}
         prov["on_nonfinite"] = self.on_nonfinite
         prov["items_per_process"] = [len(records) for records in everyone]
+        if n_pos0 < len(union):  # (under the dense protocol every item is)
+            prov["items_at_position_0_ids"] = sorted(rec[0] for rec in union if rec[3])
         out = {}
-        for j, key in enumerate(projectors):
-            r2 = r2_all[key]
+        for key in projectors:
             per_item = {}
             for k, e in enumerate(encoded):
                 if not scored[k]:
@@ -239,23 +233,38 @@ class Engine:
                                            + nonfinite.layer_name(dropped[e.item_id]["layer"], L)}
                     continue
                 row = {}
-                for m in LENS_METRICS:
-                    layer_vals = (values[key][m][k] / n_pos[k]).tolist()
+                for m, v in item_values[key].items():
+                    layer_vals = v[k].tolist()
                     row.update({f"{m}.L{l}": layer_vals[l] for l in range(L)})
                     row[m] = sum(layer_vals) / L
-                r2_vals = r2[k].tolist()
-                row.update({f"r2.L{l}": r2_vals[l] for l in range(L)})
-                row["r2"] = sum(r2_vals) / L
                 row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
                 per_item[e.item_id] = row
             for item_id, reason in too_short.items():
                 per_item[item_id] = {"skipped": reason}  # no metric values: lm-eval leaves it out of every mean
             key_prov = dict(prov)
             if 0 < n_pos0 < len(union):
-                mean_no0 = no0_sums[j, :L] / no0_sums[j, L]
-                key_prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in mean_no0.tolist()]
+                key_prov["without_position_0"] = without_pos0[key]
             out[key] = (per_item, key_prov)
         return out
+
+    def _means_without_position_0(self, rows: torch.Tensor, t_sum, t_sq, n_pos, sq_err, item_values) -> dict:
+        """Per projector, every metric's per-layer mean over the items not scored at position 0 (``rows``: this
+        process's share of them), summed over processes. r^2 is taken against the variance of those items."""
+        var = self._set_variance(t_sum, t_sq, n_pos, rows)
+        keys = list(item_values)
+        metrics = list(item_values[keys[0]]) if keys else []
+        sums = torch.zeros(len(keys), len(metrics), self.lens.num_layers, dtype=torch.float64)
+        for j, key in enumerate(keys):
+            for i, m in enumerate(metrics):
+                if m == "r2":
+                    sums[j, i] = r2_per_item(sq_err[key][rows], n_pos[rows], var).sum(0) if rows.any() else 0.0
+                else:
+                    sums[j, i] = item_values[key][m][rows].sum(0)
+        count = rows.sum().double().reshape(1)
+        self.group.sum_([sums, count])
+        n = int(count.item())
+        return {key: {"items": n, "means": {m: [round(x, 6) for x in (sums[j, i] / max(n, 1)).tolist()]
+                                            for i, m in enumerate(metrics)}} for j, key in enumerate(keys)}
 
     def _note_nonfinite(self, key: tuple, projected: torch.Tensor, scores: dict, owner: torch.Tensor,
                         encoded: list, bad: dict) -> None:

@@ -103,7 +103,8 @@ def build_leaderboard(output_path: Path, site: Path) -> int:
     from leaderboard.build import run
 
     print(f"[jtc sweep] building the leaderboard in {site}", flush=True)
-    return run(argparse.Namespace(results=[str(output_path)], output=str(site), alpha=0.05, resamples=2000, seed=0))
+    return run(argparse.Namespace(results=[str(output_path)], output=str(site), alpha=0.05, resamples=2000, seed=0,
+                                  without_position_0=False))
 
 
 def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str],

@@ -152,13 +152,14 @@ def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
 def _family_data(f: tables.Family) -> dict:
     return {"model": f.model, "distribution": f.distribution, "metric": f.metric, "a": f.a_label, "b": f.b_label,
             "a_run": str(f.a.results_file), "b_run": str(f.b.results_file), "alpha": f.alpha, "correction": "holm",
-            "n_resamples": f.n_resamples,
+            "n_resamples": f.n_resamples, "items": "not at position 0" if f.without_position_0 else "all",
             "error": f.error, "layers": [r.to_dict() for r in f.rows]}
 
 
 def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
-               seed: int = 0, stream=None) -> BuildResult:
-    """Build the site from lm-eval output folders; problems become warnings (stderr and index), not failures."""
+               seed: int = 0, stream=None, without_position_0: bool = False) -> BuildResult:
+    """Build the site from lm-eval output folders; problems become warnings (stderr and index), not failures.
+    ``without_position_0``: the paired tests leave out the items scored at position 0."""
     start = time.perf_counter()
     stream = sys.stderr if stream is None else stream
     out = Path(out_dir)
@@ -167,7 +168,8 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
     all_models = tables.models(loaded.tasks)
     cache = read.SampleCache()
     env = environment()
-    common = {"alpha": alpha, "n_resamples": n_resamples, "models": all_models, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    common = {"alpha": alpha, "n_resamples": n_resamples, "models": all_models, "without_position_0": without_position_0,
+              "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     families_out = []
     model_pages = []
@@ -177,7 +179,8 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
             tasks = m.in_distribution(dist)
             if not tasks:
                 continue  # only transfer runs here; they are on the transfer page
-            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                                      without_position_0=without_position_0)
             for f in fams:
                 families_out.append(_family_data(f))
                 if f.error:
@@ -187,10 +190,13 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
                 "distribution": dist, "tasks": tasks, "families": fams,
                 "charts": metric_charts(tasks, fams, f"{m.name} on {dist}"), "heatmaps": r2_heatmaps(tasks),
                 "metrics": [k for k in read.ALL_METRICS if all(k in t.layers for t in tasks)],
+                "no0_metrics": [k for k in read.ALL_METRICS
+                                if all(t.without_position_0 and k in t.without_position_0["layers"] for t in tasks)],
             })
         model_pages.append((m, sections))
 
-    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                                 without_position_0=without_position_0)
     transfer_views = []
     for tr in transfers:
         shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
@@ -220,14 +226,16 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)
-    data = {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "families": families_out,
+    data = {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "without_position_0": without_position_0,
+            "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
     (out / "comparisons.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = build_site(args.results, args.output, alpha=args.alpha, n_resamples=args.resamples, seed=args.seed)
+    result = build_site(args.results, args.output, alpha=args.alpha, n_resamples=args.resamples, seed=args.seed,
+                        without_position_0=getattr(args, "without_position_0", False))
     if not any(p.name.startswith("model-") for p in result.pages):
         print("jtc leaderboard: no usable results; the index lists the problems", file=sys.stderr)
         return 1

@@ -61,6 +61,7 @@ class TaskRun:
     layers: dict[str, list[float]]
     stderr: dict[str, list[float | None]]
     pairwise_r2: dict[tuple[int, int], float]
+    without_position_0: dict | None  # {"items": n, "layers": {metric: per-layer means}} over items not scored at position 0
     provenance: dict
     results_file: Path
     samples_file: Path | None
@@ -82,6 +83,14 @@ class TaskRun:
     def fit_items(self) -> int | None:
         pconf = self.provenance.get("projector_config")
         return (pconf.get("fit_items") or pconf.get("n_fit")) if isinstance(pconf, dict) else None
+
+    @property
+    def position_0_ids(self) -> set[str] | None:
+        """Items scored at position 0, when the run recorded them (None: unknown)."""
+        ids = self.provenance.get("items_at_position_0_ids")
+        if isinstance(ids, list):
+            return {str(i) for i in ids}
+        return set() if self.provenance.get("items_at_position_0") == 0 else None
 
     @property
     def skipped_ids(self) -> set[str]:
@@ -229,6 +238,7 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
             pairwise[(int(pm["src"]), int(pm["dst"]))] = _finite(value, f"{key!r}")
 
     items = prov.get("items")
+    without = _without_position_0(prov, L, items)
     if not isinstance(items, int) or isinstance(items, bool):
         items = (data.get("n-samples", {}).get(task, {}) or {}).get("effective")
     if not isinstance(items, int):
@@ -247,12 +257,32 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
         model_key=_model_key(model), model_name=str(model.get("name") or data.get("model_name") or "unnamed model"),
         num_layers=L, d_model=model.get("d_model"), vocab_size=model.get("vocab_size"),
         n_params=n_params, params_estimated=estimated and n_params is not None, items=items,
-        means=means, mean_stderr=mean_stderr, layers=layers, stderr=stderr, pairwise_r2=pairwise, provenance=prov,
+        means=means, mean_stderr=mean_stderr, layers=layers, stderr=stderr, pairwise_r2=pairwise,
+        without_position_0=without, provenance=prov,
         results_file=path, samples_file=samples if samples and samples.is_file() else None,
         # the run's own start time orders runs; the task's provenance date stands in when it is absent
         date=run.date if run.date else (date or 0.0), date_text=str(prov.get("date") or run.date_text),
         run_id=run.run_id, lm_eval_version=run.lm_eval_version,
     )
+
+
+def _without_position_0(prov: dict, L: int, items) -> dict | None:
+    """Per-layer means over the items not scored at position 0, as recorded; older runs recorded r^2 only."""
+    def layer_list(values):
+        ok = isinstance(values, list) and len(values) == L and all(_maybe_number(v) is not None for v in values)
+        return [float(v) for v in values] if ok else None
+
+    recorded = prov.get("without_position_0")
+    if isinstance(recorded, dict) and isinstance(recorded.get("means"), dict):
+        layers = {m: v for m, v in ((m, layer_list(v)) for m, v in recorded["means"].items()) if m in ALL_METRICS and v}
+        n = recorded.get("items")
+        return {"items": n if isinstance(n, int) else None, "layers": layers} if layers else None
+    old = layer_list(prov.get("r2_by_layer_without_position_0"))
+    if old:
+        n0 = prov.get("items_at_position_0")
+        n = items - n0 if isinstance(items, int) and isinstance(n0, int) else None
+        return {"items": n, "layers": {"r2": old}}
+    return None
 
 
 def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
@@ -325,6 +355,12 @@ def load(paths: list[str | Path]) -> Loaded:
 class Samples:
     ids: list[str]
     values: dict[str, dict[int, np.ndarray]]  # metric -> layer -> per-item values, in ``ids`` order
+
+    def without(self, excluded: set[str]) -> "Samples":
+        """The same samples less the items in ``excluded``."""
+        keep = np.array([i not in excluded for i in self.ids], dtype=bool)
+        return Samples(ids=[i for i in self.ids if i not in excluded],
+                       values={m: {l: v[keep] for l, v in by_layer.items()} for m, by_layer in self.values.items()})
 
 
 class SampleCache:

@@ -168,6 +168,7 @@ class Family:
     a_label: str = ""
     b_label: str = ""
     short: str = ""  # the pair's name in a chart's significance strip
+    without_position_0: bool = False  # tested on the items not scored at position 0 only
 
     def __post_init__(self) -> None:
         self.a_label = self.a_label or self.a.label
@@ -176,7 +177,8 @@ class Family:
 
     @property
     def description(self) -> str:
-        return (f"family: {self.model}, {self.distribution}, {TITLES[self.metric]}, {self.a_label} vs {self.b_label} "
+        items = ", items not scored at position 0" if self.without_position_0 else ""
+        return (f"family: {self.model}, {self.distribution}{items}, {TITLES[self.metric]}, {self.a_label} vs {self.b_label} "
                 f"over {self.a.num_layers} layers; Holm at α = {self.alpha:g}")
 
     @property
@@ -209,14 +211,29 @@ def resamples_for(n_layers: int, alpha: float, requested: int) -> int:
     return max(requested, math.ceil(4 * n_layers / alpha))
 
 
+def position_0_items(a: TaskRun, b: TaskRun) -> set[str]:
+    """The items either run scored at position 0; an error when a run did not record them."""
+    out = set()
+    for t in (a, b):
+        ids = t.position_0_ids
+        if ids is None:
+            raise ValueError(f"{t.task} does not list its items at position 0 (a run of an older jtc-lens, or the dense "
+                             "protocol, where every item starts at position 0); build without --without-position-0")
+        out |= ids
+    return out
+
+
 def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, *, alpha: float,
-           n_resamples: int, seed: int, **labels: str) -> Family:
+           n_resamples: int, seed: int, without_position_0: bool = False, **labels: str) -> Family:
     fam = Family(model=model, distribution=a.distribution, metric=metric, a=a, b=b, alpha=alpha,
-                 n_resamples=resamples_for(a.num_layers, alpha, n_resamples), **labels)
+                 n_resamples=resamples_for(a.num_layers, alpha, n_resamples), without_position_0=without_position_0, **labels)
     try:
         if a.num_layers != b.num_layers:
             raise ValueError(f"{a.task} has {a.num_layers} layers and {b.task} {b.num_layers}")
         sa, sb = cache.get(a, COMPARED), cache.get(b, COMPARED)
+        if without_position_0:
+            at0 = position_0_items(a, b)
+            sa, sb = sa.without(at0), sb.without(at0)
         fam.rows = compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
                            n_resamples=fam.n_resamples, seed=seed)
     except ValueError as exc:
@@ -226,14 +243,14 @@ def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, 
 
 
 def comparisons(m: Model, distribution: str, cache: SampleCache, *, alpha: float, n_resamples: int,
-                seed: int) -> list[Family]:
+                seed: int, without_position_0: bool = False) -> list[Family]:
     present = {t.projector: t for t in m.in_distribution(distribution)}
     out = []
     for metric in COMPARED:
         for a, b in PAIRS:
             if a in present and b in present:
                 out.append(family(m.name, present[a], present[b], metric, cache, alpha=alpha,
-                                  n_resamples=n_resamples, seed=seed))
+                                  n_resamples=n_resamples, seed=seed, without_position_0=without_position_0))
     return out
 
 
@@ -261,7 +278,8 @@ class Transfer:
         return (self.task.means[metric] - self.in_dist.means[metric]) * scale(metric)
 
 
-def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int) -> list[Transfer]:
+def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int,
+              without_position_0: bool = False) -> list[Transfer]:
     out = []
     for m in all_models:
         for t in sorted((t for t in m.tasks if t.transfer), key=lambda t: (t.distribution, projector_sort_key(t.projector), t.fit_on)):
@@ -271,6 +289,7 @@ def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_re
             tr = Transfer(model=m, task=t, in_dist=in_dist, baseline=baseline)
             if in_dist is not None:
                 tr.families = [family(m.name, t, in_dist, metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                                      without_position_0=without_position_0,
                                       a_label=t.fit_label, b_label=in_dist.fit_label, short="vs in-dist. fit")
                                for metric in COMPARED]
             out.append(tr)
@@ -288,10 +307,10 @@ def r2_by_projector(tasks: list[TaskRun]) -> tuple[list[str], list[list[float | 
         labels.append(t.label)
         rows.append(list(t.layers["r2"]))
     for t in tasks:
-        alt = t.provenance.get("r2_by_layer_without_position_0")
-        if isinstance(alt, list) and len(alt) == t.num_layers and all(isinstance(v, (int, float)) for v in alt):
+        alt = (t.without_position_0 or {}).get("layers", {}).get("r2")
+        if alt:
             labels.append(f"{t.label}, no pos-0 items")
-            rows.append([float(v) for v in alt])
+            rows.append(list(alt))
     return labels, rows
 
 

@@ -117,3 +117,39 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
     responses = Engine(lens, batch_size=4).run(requests)
     assert all(math.isfinite(r[m]) for r in responses for m in METRICS)
     assert PROVENANCE[responses[0]["provenance"]]["dtype"] == "bfloat16"
+
+
+def test_every_metric_is_also_reported_without_the_items_at_position_0():
+    from harness.protocols import Item
+
+    lens = build_lens_model(*tiny.build("llama"))
+    protocol = ProtocolConfig("paper", seed=3)
+    drawn = build_items(get_corpus("wikipedia"), "validation", protocol, limit=10)
+    # four items planted at position 0 (u = 0: a one-token input, as without BOS)
+    items = [Item(it.item_id, it.text, 0.0 if k % 3 == 0 else it.u) for k, it in enumerate(drawn)]
+    at0 = sorted(it.item_id for k, it in enumerate(items) if k % 3 == 0)
+    rest = [it for it in items if it.item_id not in at0]
+    fit = FitSpec("wikipedia", protocol, 80)
+
+    def run(chosen):
+        requests = [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit)
+                    for p in ("id", "mat") for it in chosen]
+        responses = Engine(lens, batch_size=4).run(requests)
+        return {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
+
+    everything, alone = run(items), run(rest)
+    L = lens.num_layers
+    for projector in ("id", "mat"):
+        prov = PROVENANCE[everything[projector][0]["provenance"]]
+        assert prov["items_at_position_0"] == 4 and prov["items_at_position_0_ids"] == at0
+        assert sorted(q.item_id for q, r in zip(items, everything[projector]) if r["position"] == 0) == at0
+        without = prov["without_position_0"]
+        assert without["items"] == 6 and set(without["means"]) == set(METRICS)
+        for m in METRICS:
+            for l in range(L):
+                # the same as scoring the other six items on their own (r^2 against their own variance)
+                expected = sum(r[f"{m}.L{l}"] for r in alone[projector]) / 6
+                assert math.isclose(without["means"][m][l], expected, rel_tol=1e-5, abs_tol=2e-6), (projector, m, l)
+        # and the planted items do move the means over every item
+        assert any(not math.isclose(sum(r[f"r2.L{l}"] for r in everything[projector]) / 10, without["means"]["r2"][l])
+                   for l in range(L))
