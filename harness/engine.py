@@ -20,7 +20,7 @@ from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
-from .metrics import LENS_METRICS, final_stats, lens_metrics_from, r2_per_item
+from .metrics import LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import Item, ProtocolConfig
@@ -28,7 +28,8 @@ from .provenance import model_record, peak_memory, utc_now, versions
 from .store import sha256_json
 
 log = logging.getLogger(__name__)
-METRICS = LENS_METRICS + ("r2",)
+METRICS = LENS_METRICS + R2_METRICS
+R2_PER_ITEM = {"r2": r2_per_item, "r2w": r2w_per_item}
 # Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
 LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
@@ -215,7 +216,8 @@ class Engine:
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
         per_position = n_pos.clamp_min(1)[:, None]  # dropped items have no position; their rows are not reported
         item_values = {key: {**{m: values[key][m] / per_position for m in LENS_METRICS},
-                             "r2": r2_per_item(sq_err[key], n_pos.clamp_min(1), var)} for key in projectors}
+                             **{m: f(sq_err[key], n_pos.clamp_min(1), var) for m, f in R2_PER_ITEM.items()}}
+                       for key in projectors}
         n_pos0 = sum(1 for rec in union if rec[3])
         without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values)
         prov = self._group_provenance(group, union, n_pos0)
@@ -236,7 +238,8 @@ class Engine:
                 for m, v in item_values[key].items():
                     layer_vals = v[k].tolist()
                     row.update({f"{m}.L{l}": layer_vals[l] for l in range(L)})
-                    row[m] = sum(layer_vals) / L
+                    if m in LENS_METRICS:  # r^2 has no layer mean (see R2_METRICS)
+                        row[m] = sum(layer_vals) / L
                 row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
                 per_item[e.item_id] = row
             for item_id, reason in too_short.items():
@@ -256,8 +259,8 @@ class Engine:
         sums = torch.zeros(len(keys), len(metrics), self.lens.num_layers, dtype=torch.float64)
         for j, key in enumerate(keys):
             for i, m in enumerate(metrics):
-                if m == "r2":
-                    sums[j, i] = r2_per_item(sq_err[key][rows], n_pos[rows], var).sum(0) if rows.any() else 0.0
+                if m in R2_PER_ITEM:
+                    sums[j, i] = R2_PER_ITEM[m](sq_err[key][rows], n_pos[rows], var).sum(0) if rows.any() else 0.0
                 else:
                     sums[j, i] = item_values[key][m][rows].sum(0)
         count = rows.sum().double().reshape(1)

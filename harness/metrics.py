@@ -14,6 +14,10 @@ import torch
 
 TOPK = (1, 5, 10)
 LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
+# r^2 against the last layer's state: the paper's coordinate-averaged one and the variance-weighted one. Neither
+# is averaged over layers per item: the coordinate-averaged r^2 of one layer can be -3,933 while the others lie
+# in [0, 1], so a layer mean says nothing about the other layers.
+R2_METRICS = ("r2", "r2w")
 NATS_PER_BIT = math.log(2.0)
 
 
@@ -99,9 +103,23 @@ def r2_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: tor
     return 1.0 - (mse / var).mean(dim=-1)
 
 
-def r2_pooled(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Reference r^2 over positions for each source layer: (S,). ``projected`` (S, P, d), ``target`` (P, d)."""
+def r2w_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
+    """Per-item variance-weighted r^2, (N, S), whose mean over items of equal size is 1 - sum_j SSE_j / sum_j SST_j.
+
+    Unlike ``r2_per_item`` no coordinate is divided by its own variance, so a coordinate of nearly constant
+    target (variance ~ 0) cannot send the value to minus thousands; each counts by its share of the variance.
+    """
+    total_var = target_var.double().sum().clamp_min(1e-12)
+    mse = sq_err.double().sum(dim=-1) / n_positions.double()[:, None]
+    return 1.0 - mse / total_var
+
+
+def r2_pooled(projected: torch.Tensor, target: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+    """Reference r^2 over positions for each source layer: (S,). ``projected`` (S, P, d), ``target`` (P, d).
+    ``weighted``: 1 - sum_j SSE_j / sum_j SST_j instead of the mean over coordinates of 1 - SSE_j / SST_j."""
     t = target.double()
     sst = ((t - t.mean(0)) ** 2).sum(0).clamp_min(1e-12)
     sse = ((projected.double() - t[None]) ** 2).sum(1)
+    if weighted:
+        return 1.0 - sse.sum(-1) / sst.sum()
     return 1.0 - (sse / sst).mean(-1)

@@ -123,14 +123,19 @@ def metric_charts(tasks: list[read.TaskRun], families: list[tables.Family], cont
 
 
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
-    labels, rows = tables.r2_by_projector(tasks)
     L = tasks[0].num_layers
-    out = [{
-        "title": "r² of the projected state against the last layer's state, by source layer",
-        "svg": svg.heatmap(rows, labels, [str(l) for l in range(L)], title="r² by layer and projector",
-                           x_label=f"source layer l (target: layer {L}, the last block's output)"),
-        "pairwise": False,
-    }]
+    out = []
+    for metric in ("r2", "r2w"):
+        if not all(metric in t.layers for t in tasks):
+            continue  # r2w: runs of older versions did not record it
+        labels, rows = tables.r2_by_projector(tasks, metric)
+        name = tables.TITLES[metric]
+        out.append({
+            "title": f"{name} of the projected state against the last layer's state, by source layer",
+            "svg": svg.heatmap(rows, labels, [str(l) for l in range(L)], title=f"{name} by layer and projector",
+                               x_label=f"source layer l (target: layer {L}, the last block's output)"),
+            "pairwise": False, "metric": metric,
+        })
     for t in tasks:
         matrix = tables.r2_pairwise(t)
         if matrix is None:
@@ -140,7 +145,7 @@ def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
             "title": f"r² of {t.label} from every layer l to every later layer l′",
             "svg": svg.heatmap(values, [f"l = {s}" for s in src], [str(d) for d in dst], title=f"r² layer to layer, {t.label}",
                                x_label="target layer l′", y_label="source layer l", cell=14, label_width=60),
-            "pairwise": True,
+            "pairwise": True, "metric": "r2",
         })
     return out
 

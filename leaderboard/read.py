@@ -19,8 +19,10 @@ import numpy as np
 
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
-OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy")
-ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2")  # display order
+OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy", "r2w")
+ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2", "r2w")  # display order
+# Per layer only: a layer mean of r^2 is dominated by its worst layer (runs of older versions recorded one; it is not read).
+NO_LAYER_MEAN = ("r2", "r2w")
 NATS = ("surprisal", "kl", "xent", "entropy")  # natural-log metrics, shown in bits
 FITTED = ("mat", "affine", "tuned")
 
@@ -219,16 +221,18 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
     means: dict[str, float] = {}
     mean_stderr: dict[str, float | None] = {}
     for metric in REQUIRED_METRICS + OPTIONAL_METRICS:
-        keys = [f"{metric}.L{l},none" for l in range(L)] + [f"{metric},none"]
+        keys = [f"{metric}.L{l},none" for l in range(L)] + ([] if metric in NO_LAYER_MEAN else [f"{metric},none"])
         absent = [k for k in keys if k not in res]
         if absent:
             if metric in REQUIRED_METRICS:
                 missing += absent
             continue
         values = [_finite(res[k], f"{k!r}") for k in keys]
-        layers[metric], means[metric] = values[:-1], values[-1]
+        layers[metric] = values[:L]
         stderr[metric] = [_maybe_number(res.get(f"{metric}.L{l}_stderr,none")) for l in range(L)]
-        mean_stderr[metric] = _maybe_number(res.get(f"{metric}_stderr,none"))
+        if metric not in NO_LAYER_MEAN:
+            means[metric] = values[L]
+            mean_stderr[metric] = _maybe_number(res.get(f"{metric}_stderr,none"))
     if missing:
         raise ValueError(f"partial results: {len(missing)} metric value(s) missing for {L} layers, e.g. {', '.join(missing[:3])}")
     pairwise = {}

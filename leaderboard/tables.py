@@ -21,9 +21,9 @@ COMPARED = ("p@1", "surprisal", "kl")  # the charted metrics; each gets its own 
 PAIRS = (("mat", "id"), ("affine", "mat"), ("tuned", "mat"))  # (A, B): the difference is A - B
 PROJECTOR_ORDER = ("id", "mat", "affine", "tuned")
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True}
+                    "entropy": None, "r2": True, "r2w": True}
 TITLES = {"p@1": "P@1", "p@5": "P@5", "p@10": "P@10", "surprisal": "surprisal", "kl": "KL", "xent": "cross-entropy",
-          "entropy": "entropy", "r2": "r²"}
+          "entropy": "entropy", "r2": "r² (coordinate mean)", "r2w": "r²w (variance-weighted)"}
 
 
 def scale(metric: str) -> float:
@@ -300,14 +300,15 @@ def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_re
 # r^2 matrices
 
 
-def r2_by_projector(tasks: list[TaskRun]) -> tuple[list[str], list[list[float | None]]]:
-    """Rows of r^2 from each layer to the last, per projector, and the same without position-0 items where recorded."""
+def r2_by_projector(tasks: list[TaskRun], metric: str = "r2") -> tuple[list[str], list[list[float | None]]]:
+    """Rows of r^2 (``r2``, coordinate-averaged, or ``r2w``, variance-weighted) from each layer to the last, per
+    projector, and the same without position-0 items where recorded."""
     labels, rows = [], []
     for t in tasks:
         labels.append(t.label)
-        rows.append(list(t.layers["r2"]))
+        rows.append(list(t.layers[metric]))
     for t in tasks:
-        alt = (t.without_position_0 or {}).get("layers", {}).get("r2")
+        alt = (t.without_position_0 or {}).get("layers", {}).get(metric)
         if alt:
             labels.append(f"{t.label}, no pos-0 items")
             rows.append(list(alt))

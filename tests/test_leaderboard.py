@@ -208,7 +208,7 @@ def test_model_page_has_one_polyline_per_projector_in_every_chart(site):
             assert f'data-series="{projector}"' in chart
         assert chart.count("<circle") == 3 * LAYERS
         assert "relative depth" in chart
-    assert html.count('<svg class="heatmap"') == 2  # r^2 by (layer, projector) per distribution
+    assert html.count('<svg class="heatmap"') == 4  # r^2 and r^2w by (layer, projector) per distribution
     assert "Holm" in html and "α = 0.05" in html  # the family and level are stated
 
 
@@ -371,7 +371,7 @@ def test_pairwise_r2_keys_give_a_layer_to_layer_heatmap(results_tree, tmp_path):
     out = tmp_path / "site"
     build_site([tree], out, stream=io.StringIO())
     html = model_page(out)
-    assert html.count('<svg class="heatmap"') == 3
+    assert html.count('<svg class="heatmap"') == 5
     assert "from every layer l to every later layer" in html
     assert "r² = 0.8" in html  # r2.L0.L3
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny
-from harness.metrics import lens_metrics, r2_per_item, r2_pooled
+from harness.metrics import lens_metrics, r2_per_item, r2_pooled, r2w_per_item
 from harness.models import build_lens_model
 from harness.projectors import IdentityProjector
 
@@ -52,6 +52,23 @@ def test_r2_per_item_mean_is_the_coefficient_of_determination():
     ref = np.mean([1 - np.sum((t[:, j] - p[:, j]) ** 2) / np.sum((t[:, j] - t[:, j].mean()) ** 2) for j in range(6)])
     assert math.isclose(float(per_item.mean(0)[0]), ref, rel_tol=1e-9)
     assert float(per_item.mean(0)[1]) < 0  # predicting zeros is worse than the mean: negative r^2
+
+
+def test_variance_weighted_r2_is_one_minus_total_error_over_total_variance():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(60, 5, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 10.0, 0.5, 2.0])
+    # coordinate 3 is nearly constant, as some coordinates of h_L are: the coordinate average is swamped by it
+    target[:, 3] = 7.0 + 1e-4 * torch.randn(60, generator=gen, dtype=torch.float64)
+    projected = (target + 0.3 * torch.randn(60, 5, generator=gen, dtype=torch.float64))[None]
+    sq = ((projected - target[None]) ** 2).permute(1, 0, 2)
+    var = target.var(0, unbiased=False)
+    per_item = r2w_per_item(sq, torch.ones(60), var)
+    t, p = target.numpy(), projected[0].numpy()
+    expected = 1 - np.sum((t - p) ** 2) / np.sum((t - t.mean(0)) ** 2)
+    assert math.isclose(float(per_item.mean(0)[0]), expected, rel_tol=1e-12)
+    torch.testing.assert_close(per_item.mean(0), r2_pooled(projected, target, weighted=True))
+    assert 0.9 < expected < 1  # the large coordinates are predicted well...
+    assert float(r2_per_item(sq, torch.ones(60), var).mean(0)[0]) < -1000  # ...yet the coordinate average is hugely negative
 
 
 def test_identity_at_the_last_layer_is_exact():

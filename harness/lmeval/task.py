@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 handler.install()
 
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True}
+                    "entropy": None, "r2": True, "r2w": True}
 
 
 class _MeanForEveryMetric(dict):
