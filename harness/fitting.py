@@ -25,6 +25,21 @@ from .tuned_training import TunedRecipe, TunedTrainer, stream_hash
 log = logging.getLogger(__name__)
 
 
+MODEL_KEY = ("config_sha256", "unembed_sha256", "weights_sha256")
+
+
+def model_key(fingerprint: dict) -> dict | None:
+    """What identifies the model in a cache key: its config and every weight. None when the weights could not
+    be hashed: then no entry can be known to belong to this model, and the cache is not used."""
+    if not fingerprint.get("weights_sha256"):
+        return None
+    return {k: fingerprint[k] for k in MODEL_KEY}
+
+
+def _uncached(fingerprint: dict) -> str:
+    return f"not used: {fingerprint.get('weights_not_hashed') or 'the weights were not hashed'}"
+
+
 @dataclass(frozen=True)
 class FitSpec:
     fit_on: str
@@ -75,14 +90,14 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
     key = {
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_data_sha256": data_hash,
         "fit_on": spec.fit_on,
         "protocol": spec.protocol.as_dict(),
         "n_fit": spec.n_fit,
         "pairs": pairs,
     }
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         log.info("least-squares projectors for %s loaded from the cache", spec.fit_on)
@@ -110,7 +125,9 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "processes": group.world_size,
         "versions": versions(),
     }
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
         meta = save_entry(key, tensors, {"info": info})
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
@@ -141,20 +158,23 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None,
                            "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
     key = {
         "family": "tuned",
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_on": spec.fit_on,
         "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer)),
         "recipe": spec.recipe.as_dict(),
     }
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
-    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24]
+    # no checkpoint for unidentified weights: it could be resumed by another model
+    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24] if key["model"] else None
     projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
     info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
             "processes": group.world_size, "versions": versions()}
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         meta = save_entry(key, projector.tensors(), {"info": info})
         shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
