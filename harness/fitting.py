@@ -16,7 +16,7 @@ from .encoding import batches, encode
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 from .projectors.cache import load_entry, save_entry
-from .protocols import ProtocolConfig, build_items
+from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
 from .store import cache_root, sha256_file, sha256_json
@@ -61,6 +61,9 @@ class FittedLeastSquares:
 def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     corpus = get_corpus(spec.fit_on)
     items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
+    if not items:
+        raise ValueError(f"cannot fit on {spec.fit_on}: its train split has no items: "
+                         + no_items_reason(corpus, "train", spec.protocol))
     encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
     return corpus, encoded, data_hash
@@ -115,6 +118,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     info = {
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
+        "fit_corpus_pin": corpus.notes.get("pin"),
         "fit_split": "train",
         "fit_items": len(encoded),
         "fit_positions": acc.n,
@@ -147,6 +151,14 @@ class TunedSpec:
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
+def _require_training_text(spec: TunedSpec) -> None:
+    """An empty train split would leave the lens at its start (the identity, or the affine fit of nothing)."""
+    corpus = get_corpus(spec.fit_on)
+    if not any(d.text.strip() for d in corpus.split("train", seed=spec.recipe.seed)):
+        raise ValueError(f"cannot train a tuned lens on {spec.fit_on}: its train split has no text: "
+                         + no_items_reason(corpus, "train", ProtocolConfig("dense", seed=spec.recipe.seed)))
+
+
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
     """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint;
     the processes of ``group`` share each step's chunks and sum their gradients)."""
@@ -167,10 +179,13 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None,
     if group.all(cached is not None):
         tensors, meta = cached
         return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
+    _require_training_text(spec)
     # no checkpoint for unidentified weights: it could be resumed by another model
     checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24] if key["model"] else None
     projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
-    info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
+    fit_corpus = get_corpus(spec.fit_on)
+    info = {**info, "fit_corpus_sha256": fit_corpus.source_hash, "fit_corpus_pin": fit_corpus.notes.get("pin"),
+            "stream_sha256": key["stream_sha256"],
             "processes": group.world_size, "versions": versions()}
     if not key["model"]:
         info = {**info, "cache": _uncached(fingerprint)}

@@ -221,6 +221,13 @@ class _HeadTransform(nn.Module):
 def build_lens_model(model: nn.Module, tokenizer, verify: bool = True) -> LensModel:
     """Map ``model`` onto blocks, final norm and unembedding, then check the map against its forward pass."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        # not a masked LM (it has no mask token to read a position through) nor a causal one: its decoder's
+        # states depend on the encoder's output and on the decoder's own inputs
+        raise AdapterError(
+            f"{type(model).__name__} is an encoder-decoder model, which is not supported: the lens reads one stack of "
+            "blocks whose last state the unembedding turns into the prediction, and here the prediction comes from a "
+            "decoder attending to a separate encoder; use a decoder-only (causal) LM or an encoder-only masked LM")
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not n_layers:
         raise AdapterError(f"{type(model).__name__}: the config names no number of layers (num_hidden_layers / n_layer)")

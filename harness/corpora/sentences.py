@@ -12,6 +12,8 @@ _ABBREVIATIONS = {
 }
 # A candidate boundary: end punctuation (optionally closed by quotes/brackets), whitespace, then an
 # opening quote/bracket or an upper-case letter or digit.
+# Sentence lengths (in words) the paper protocol uses: shorter are headings and fragments, longer run-ons.
+MIN_WORDS, MAX_WORDS = 4, 120
 _BOUNDARY = re.compile(r"([.!?][\"'\u201d\u2019)\]]*)\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
 
 
@@ -36,7 +38,7 @@ def split_sentences(paragraph: str) -> list[str]:
     return sentences
 
 
-def document_sentences(text: str, min_words: int = 4, max_words: int = 120) -> tuple[list[str], int]:
+def document_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_WORDS) -> tuple[list[str], int]:
     """Sentences of a document, paragraph by paragraph, with the count of those left out by length.
 
     Headings and list fragments (fewer than ``min_words`` words) and run-ons (more than ``max_words``)

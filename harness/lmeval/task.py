@@ -18,7 +18,7 @@ from lm_eval.api.task import ConfigurableTask
 from ..corpora import get_corpus
 from ..engine import METRICS, PROVENANCE
 from ..projectors import FITTED, NAMES
-from ..protocols import ProtocolConfig, build_items
+from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
 from . import handler
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,12 @@ class JTCTask(ConfigurableTask):
         limit = None if meta["n_eval"] in (None, "", "all") else int(meta["n_eval"])
         items = build_items(corpus, meta["split"], self._protocol, limit=limit)
         if not items:
-            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}")
-        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u} for it in items]
+            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}: "
+                             + no_items_reason(corpus, meta["split"], self._protocol))
+        # item_sha256 travels in the doc (lm-eval writes docs into the samples files, and would take any
+        # other returned value for a metric): paired comparisons check it
+        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u, "item_sha256": item_sha256(it, self._protocol)}
+                for it in items]
         self.dataset = datasets.DatasetDict({meta["split"]: datasets.Dataset.from_list(docs)})
 
     def has_training_docs(self) -> bool:
