@@ -10,10 +10,10 @@ _ABBREVIATIONS = {
     "fig", "inc", "ltd", "co", "corp", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep", "rev",
     "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k", "approx",
 }
-# A candidate boundary: end punctuation (optionally closed by quotes/brackets), whitespace, then an
-# opening quote/bracket or an upper-case letter or digit.
 # Sentence lengths (in words) the paper protocol uses: shorter are headings and fragments, longer run-ons.
 MIN_WORDS, MAX_WORDS = 4, 120
+# A candidate boundary: end punctuation (optionally closed by quotes/brackets), whitespace, then an
+# opening quote/bracket or an upper-case letter or digit.
 _BOUNDARY = re.compile(r"([.!?][\"'\u201d\u2019)\]]*)\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
 
 
