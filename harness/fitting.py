@@ -15,6 +15,7 @@ from .distributed import SINGLE, Group
 from .encoding import batches, encode
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
+from .projectors.least_squares import RIDGE_GRID, choose_ridge
 from .projectors.cache import load_entry, save_entry
 from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
@@ -46,9 +47,16 @@ class FitSpec:
     protocol: ProtocolConfig
     n_fit: int
     pairs: str = "last"
+    ridge: float | str = 0.0  # relative to the Gram matrix's mean diagonal; "auto": chosen on held-out fit items
 
     def as_dict(self) -> dict:
-        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs}
+        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs,
+                "ridge": self.ridge}
+
+
+# Positions per dimension below which a least-squares map is poorly determined (recorded as a warning).
+FIT_POSITIONS_PER_DIM = 10
+HELD_OUT_EVERY = 5  # ridge=auto: every 5th fit item is held out to choose the penalty
 
 
 @dataclass
@@ -67,6 +75,13 @@ def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
     return corpus, encoded, data_hash
+
+
+def fit_warnings(positions: int, d: int) -> list[str]:
+    if positions < FIT_POSITIONS_PER_DIM * d:
+        return [f"{positions} fit positions for d = {d} dimensions ({positions / d:.1f} per dimension, fewer than "
+                f"{FIT_POSITIONS_PER_DIM}): mat / affine may extrapolate badly to states unlike the fit data; raise n_fit or set ridge"]
+    return []
 
 
 def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
@@ -99,6 +114,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "protocol": spec.protocol.as_dict(),
         "n_fit": spec.n_fit,
         "pairs": pairs,
+        "ridge": spec.ridge,
     }
     cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
@@ -110,11 +126,29 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
             {**meta["info"], "cache": "hit"},
         )
     start = time.perf_counter()
-    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group)
-    if acc.n <= lens.d_model:
-        log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
-    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
-    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
+    desc = f"fit mat/affine on {spec.fit_on}/train"
+    ridge_info: dict = {"ridge": spec.ridge}
+    if spec.ridge == "auto":
+        held_items = encoded[::HELD_OUT_EVERY]
+        train_items = [e for k, e in enumerate(encoded) if k % HELD_OUT_EVERY]
+        train = accumulate(lens, train_items, pairs, batch_size, desc=desc + " (fit part)", group=group)
+        held = accumulate(lens, held_items, pairs, batch_size, desc=desc + " (held-out part)", group=group)
+        acc = train.add(held)
+        ridges, rel_err = {}, {}
+        for name, intercept in (("mat", False), ("affine", True)):
+            ridges[name], errors = choose_ridge(train, held, intercept)
+            rel_err[name] = {str(l): [round(e, 6) for e in errs] for l, errs in errors.items()}
+        ridge_info = {"ridge": "auto", "ridge_grid": list(RIDGE_GRID), "held_out_items": len(held_items),
+                      "ridge_chosen": {name: {str(l): lam for l, lam in r.items()} for name, r in ridges.items()},
+                      "held_out_error_relative_to_ridge_0": rel_err}
+    else:
+        acc = accumulate(lens, encoded, pairs, batch_size, desc=desc, group=group)
+        ridges = {"mat": float(spec.ridge), "affine": float(spec.ridge)}
+    warnings_ = fit_warnings(acc.n, lens.d_model)
+    for message in warnings_:
+        log.warning("fitting on %s: %s", spec.fit_on, message)
+    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False, ridge=ridges["mat"]))
+    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True, ridge=ridges["affine"]))
     info = {
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
@@ -126,6 +160,8 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "pairs": pairs,
         "fit_seconds": round(time.perf_counter() - start, 2),
         "accumulation": "float64 Gram matrices, one pass",
+        **ridge_info,
+        "warnings": warnings_,
         "processes": group.world_size,
         "versions": versions(),
     }
