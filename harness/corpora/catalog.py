@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from . import get_corpus, names, pins
 from .base import SPLITS, MissingSourceError
-from .pins import MANIFEST, pin_key, sources_sha256  # noqa: F401  (the catalog's public names)
+from .pins import MANIFEST, sources_sha256  # noqa: F401  (MANIFEST: the file `jtc corpora pin` names)
 from .sentences import document_sentences
+
 
 def describe(name: str, tokenizer=None, seed: int = 1234) -> dict:
     corpus = get_corpus(name)
