@@ -54,9 +54,18 @@ def _corpora(args) -> int:
         from . import bundled
 
         tokenizer = AutoTokenizer.from_pretrained(bundled.prepare("smollm2-135m"))
-    rows = []
+    from .corpora import MissingSourceError
+
+    rows, missing = [], []
     for name in selected:
-        row = catalog.describe(name, tokenizer)
+        try:
+            row = catalog.describe(name, tokenizer)
+        except MissingSourceError as exc:  # one missing package must not hide the others
+            missing.append(name)
+            rows.append({"name": name, "missing": str(exc)})
+            if not args.markdown:
+                print(f"{name:10s} MISSING  {exc}")
+            continue
         rows.append(row)
         if not args.markdown:
             tokens = f" {row['tokens']:>10,} tokens" if "tokens" in row else ""
@@ -65,7 +74,10 @@ def _corpora(args) -> int:
                   f"sha256 {row['sources_sha256'][:16]}  {row['description']}")
     if args.markdown:
         print(catalog.markdown_table(rows))
-    return 0
+    if missing:
+        print(f"jtc corpora list: {len(missing)} of {len(selected)} distribution(s) not installed: {', '.join(missing)}",
+              file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _table(args) -> int:

@@ -19,13 +19,28 @@ from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 from .projectors.least_squares import RIDGE_GRID, choose_ridge
 from .projectors.cache import load_entry, save_entry
-from .protocols import ProtocolConfig, build_items
+from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
 from .store import cache_root, sha256_file, sha256_json
 from .tuned_training import TunedRecipe, TunedTrainer, stream_hash
 
 log = logging.getLogger(__name__)
+
+
+MODEL_KEY = ("config_sha256", "unembed_sha256", "weights_sha256")
+
+
+def model_key(fingerprint: dict) -> dict | None:
+    """What identifies the model in a cache key: its config and every weight. None when the weights could not
+    be hashed: then no entry can be known to belong to this model, and the cache is not used."""
+    if not fingerprint.get("weights_sha256"):
+        return None
+    return {k: fingerprint[k] for k in MODEL_KEY}
+
+
+def _uncached(fingerprint: dict) -> str:
+    return f"not used: {fingerprint.get('weights_not_hashed') or 'the weights were not hashed'}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,9 @@ def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     the hash of the data used."""
     corpus = get_corpus(spec.fit_on)
     items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
+    if not items:
+        raise ValueError(f"cannot fit on {spec.fit_on}: its train split has no items: "
+                         + no_items_reason(corpus, "train", spec.protocol))
     encoded, skipped = encode_all(items, lens.tokenizer, spec.protocol, lens.masked, max_length)
     if not encoded:
         raise ItemError(f"none of the {len(items)} fit item(s) of {spec.fit_on}/train can be scored "
@@ -121,7 +139,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     corpus, encoded, too_short, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
     key = {
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_data_sha256": data_hash,
         "fit_on": spec.fit_on,
         "protocol": spec.protocol.as_dict(),
@@ -131,7 +149,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     }
     if nonfinite.check_mode(on_nonfinite) == "drop":
         key["on_nonfinite"] = "drop"  # a fit that may have dropped items never stands in for one that may not
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         log.info("least-squares projectors for %s loaded from the cache", spec.fit_on)
@@ -170,6 +188,7 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     info = {
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
+        "fit_corpus_pin": corpus.notes.get("pin"),
         "fit_split": "train",
         "fit_items": len(encoded) - len(bad),
         "fit_items_skipped": {"too_short": too_short, "nonfinite": sorted(bad)},
@@ -183,7 +202,9 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "processes": group.world_size,
         "versions": versions(),
     }
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
         meta = save_entry(key, tensors, {"info": info})
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
@@ -203,6 +224,14 @@ class TunedSpec:
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
+def _require_training_text(spec: TunedSpec) -> None:
+    """An empty train split would leave the lens at its start (the identity, or the affine fit of nothing)."""
+    corpus = get_corpus(spec.fit_on)
+    if not any(d.text.strip() for d in corpus.split("train", seed=spec.recipe.seed)):
+        raise ValueError(f"cannot train a tuned lens on {spec.fit_on}: its train split has no text: "
+                         + no_items_reason(corpus, "train", ProtocolConfig("dense", seed=spec.recipe.seed)))
+
+
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
     """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint;
     the processes of ``group`` share each step's chunks and sum their gradients)."""
@@ -214,20 +243,26 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None,
                            "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
     key = {
         "family": "tuned",
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_on": spec.fit_on,
         "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer)),
         "recipe": spec.recipe.as_dict(),
     }
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
-    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24]
+    _require_training_text(spec)
+    # no checkpoint for unidentified weights: it could be resumed by another model
+    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24] if key["model"] else None
     projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
-    info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
+    fit_corpus = get_corpus(spec.fit_on)
+    info = {**info, "fit_corpus_sha256": fit_corpus.source_hash, "fit_corpus_pin": fit_corpus.notes.get("pin"),
+            "stream_sha256": key["stream_sha256"],
             "processes": group.world_size, "versions": versions()}
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         meta = save_entry(key, projector.tensors(), {"info": info})
         shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}

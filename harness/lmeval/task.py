@@ -19,7 +19,7 @@ from lm_eval.api.task import ConfigurableTask
 from ..corpora import get_corpus
 from ..engine import METRICS, PROVENANCE
 from ..options import FITTED, PROJECTORS, OptionError, parse_options
-from ..protocols import ProtocolConfig, build_items
+from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
 from . import handler, registration
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,12 @@ class JTCTask(ConfigurableTask):
         corpus = get_corpus(meta["distribution"])
         items = build_items(corpus, meta["split"], self._protocol, limit=meta["n_eval"])
         if not items:
-            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}")
-        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u} for it in items]
+            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}: "
+                             + no_items_reason(corpus, meta["split"], self._protocol))
+        # item_sha256 travels in the doc (lm-eval writes docs into the samples files, and would take any
+        # other returned value for a metric): paired comparisons check it
+        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u, "item_sha256": item_sha256(it, self._protocol)}
+                for it in items]
         self.dataset = datasets.DatasetDict({meta["split"]: datasets.Dataset.from_list(docs)})
 
     def has_training_docs(self) -> bool:
