@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocols import Item, ProtocolConfig, scored_positions
+from .protocols import NO_TARGET, Item, ProtocolConfig, scored_positions
 
 
 class ItemError(ValueError):
@@ -23,7 +23,7 @@ class Encoded:
     item_id: str
     input_ids: list[int]
     positions: list[int]  # scored positions in input_ids
-    targets: list[int]  # the true token at each scored position's prediction (next token, or the masked one)
+    targets: list[int]  # the true token at each scored position's prediction (next token, or the masked one); NO_TARGET: none
     bos_added: bool
 
     @property
@@ -50,8 +50,9 @@ def encode(item: Item, tokenizer, protocol: ProtocolConfig, masked: bool, max_le
         ids = ids[:max_length]
     positions = scored_positions(len(ids), protocol, item.u)
     if not positions:
-        raise TooShort(f"item {item.item_id} has {len(ids)} token(s): no position has a next token to score")
-    targets = [ids[p + 1] for p in positions]
+        needs = "" if protocol.position_draw == "all" else " that has a next token"
+        raise TooShort(f"item {item.item_id} has {len(ids)} token(s): no position{needs} to score")
+    targets = [ids[p + 1] if p + 1 < len(ids) else NO_TARGET for p in positions]
     # Causal models see nothing after the scored positions: the input is cut after the last one.
     return Encoded(item.item_id, ids[: positions[-1] + 1], positions, targets, bos_added)
 

@@ -23,7 +23,7 @@ from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
 from .metrics import LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
-from .protocols import Item, ProtocolConfig
+from .protocols import NO_TARGET, Item, ProtocolConfig
 from .provenance import model_record, peak_memory, utc_now, versions
 from .store import sha256_json
 
@@ -154,6 +154,7 @@ class Engine:
         values = {key: {m: torch.zeros(N, L, dtype=torch.float64) for m in LENS_METRICS} for key in projectors}
         sq_err = {key: torch.zeros(N, L, d, dtype=torch.float32) for key in projectors}
         n_pos = torch.zeros(N, dtype=torch.float64)
+        n_next = torch.zeros(N, dtype=torch.float64)  # scored positions with a next token: those cross-entropy averages
         # per-item sums of the target and its square: the variance of any subset of items follows
         t_sum = torch.zeros(N, d, dtype=torch.float64)
         t_sq = torch.zeros(N, d, dtype=torch.float64)
@@ -183,9 +184,12 @@ class Engine:
                 t_sum.index_add_(0, owner, t64)
                 t_sq.index_add_(0, owner, t64 * t64)
                 n_pos.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+                has_next = targets >= 0
+                n_next.index_add_(0, owner, has_next.double().cpu())
                 for key, projector in projectors.items():
                     projected = projector.project(states, sources, L)
                     scores = self._score(final_logits, projected, targets)
+                    scores["xent"] = torch.where(has_next[None], scores["xent"], 0.0)  # undefined there, not 0: see n_next
                     self._note_nonfinite(key, projected, scores, owner, encoded, bad_projector)
                     for m, v in scores.items():
                         values[key][m].index_add_(0, owner, v.T.double().cpu())
@@ -193,7 +197,8 @@ class Engine:
                     sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
         # The evaluation set is the union of every process's items; an item that reached several processes
         # counts once, for the first of them. Every process learns of every problem before any of them stops.
-        gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded],
+        gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added,
+                                        NO_TARGET in e.targets) for e in encoded],
                                       too_short, bad_model, bad_projector))
         where = f"{distribution}/{split}"
         too_short_all = {k: v for g in gathered for k, v in g[1].items()}
@@ -214,16 +219,23 @@ class Engine:
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
         scored = torch.tensor([e.item_id not in dropped for e in encoded], dtype=torch.bool)
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
-        per_position = n_pos.clamp_min(1)[:, None]  # dropped items have no position; their rows are not reported
-        item_values = {key: {**{m: values[key][m] / per_position for m in LENS_METRICS},
+        # dropped items have no position, and items drawn at their last token no cross-entropy: those values are
+        # not reported (lm-eval then leaves them out of the means), never reported as 0
+        divisor = {m: (n_next if m == "xent" else n_pos).clamp_min(1)[:, None] for m in LENS_METRICS}
+        present = {"xent": n_next > 0}
+        item_values = {key: {**{m: values[key][m] / divisor[m] for m in LENS_METRICS},
                              **{m: f(sq_err[key], n_pos.clamp_min(1), var) for m, f in R2_PER_ITEM.items()}}
                        for key in projectors}
         n_pos0 = sum(1 for rec in union if rec[3])
-        without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values)
+        without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values, present)
         prov = self._group_provenance(group, union, n_pos0)
         prov["items_skipped"] = {"too_short": sorted(too_short_all), "nonfinite": sorted(dropped)}
         prov["on_nonfinite"] = self.on_nonfinite
         prov["items_per_process"] = [len(records) for records in everyone]
+        if protocol.name == "paper" and not lens.masked:
+            prov["position_draw"] = protocol.position_draw
+            if protocol.position_draw == "all":  # drawn at their last token: no next token, no cross-entropy
+                prov["items_without_next_token"] = sorted(rec[0] for rec in union if rec[5])
         if n_pos0 < len(union):  # (under the dense protocol every item is)
             prov["items_at_position_0_ids"] = sorted(rec[0] for rec in union if rec[3])
         out = {}
@@ -236,6 +248,8 @@ class Engine:
                     continue
                 row = {}
                 for m, v in item_values[key].items():
+                    if m in present and not present[m][k]:
+                        continue
                     layer_vals = v[k].tolist()
                     row.update({f"{m}.L{l}": layer_vals[l] for l in range(L)})
                     if m in LENS_METRICS:  # r^2 has no layer mean (see R2_METRICS)
@@ -248,26 +262,47 @@ class Engine:
             if 0 < n_pos0 < len(union):
                 key_prov["without_position_0"] = without_pos0[key]
             out[key] = (per_item, key_prov)
+        self._check_same_metrics(items, out, where)
         return out
 
-    def _means_without_position_0(self, rows: torch.Tensor, t_sum, t_sq, n_pos, sq_err, item_values) -> dict:
+    def _check_same_metrics(self, items: list, out: dict, where: str) -> None:
+        """Every process that scored items of a set must report the same metrics: lm-eval 0.4.13 merges the
+        processes' values metric by metric as named on the first process, so a metric some process lacks would
+        fail the merge there (KeyError) or vanish from the results."""
+        mine = {k.split(".")[0] for per_item, _ in out.values() for row in per_item.values() for k in row
+                if k.split(".")[0] in METRICS}
+        theirs = self.group.gather((bool(items), sorted(mine)))
+        keysets = {tuple(keys) for has_items, keys in theirs if has_items}
+        if len(keysets) > 1:
+            detail = "; ".join(f"process {r}: {', '.join(keys) or 'none'}" for r, (has, keys) in enumerate(theirs) if has)
+            raise ItemError(f"{where}: the processes have values of different metrics ({detail}), which lm-eval cannot "
+                            "combine; some process has no scorable item (or no item with a next token). Run with fewer processes")
+
+    def _means_without_position_0(self, rows: torch.Tensor, t_sum, t_sq, n_pos, sq_err, item_values, present) -> dict:
         """Per projector, every metric's per-layer mean over the items not scored at position 0 (``rows``: this
-        process's share of them), summed over processes. r^2 is taken against the variance of those items."""
+        process's share of them) that have a value of it, summed over processes. r^2 is taken against the
+        variance of those items."""
         var = self._set_variance(t_sum, t_sq, n_pos, rows)
         keys = list(item_values)
         metrics = list(item_values[keys[0]]) if keys else []
         sums = torch.zeros(len(keys), len(metrics), self.lens.num_layers, dtype=torch.float64)
-        for j, key in enumerate(keys):
-            for i, m in enumerate(metrics):
+        counts = torch.zeros(len(metrics), dtype=torch.float64)
+        for i, m in enumerate(metrics):
+            chosen = rows & present[m] if m in present else rows
+            counts[i] = chosen.sum()
+            for j, key in enumerate(keys):
                 if m in R2_PER_ITEM:
-                    sums[j, i] = R2_PER_ITEM[m](sq_err[key][rows], n_pos[rows], var).sum(0) if rows.any() else 0.0
+                    sums[j, i] = R2_PER_ITEM[m](sq_err[key][chosen], n_pos[chosen], var).sum(0) if chosen.any() else 0.0
                 else:
-                    sums[j, i] = item_values[key][m][rows].sum(0)
-        count = rows.sum().double().reshape(1)
-        self.group.sum_([sums, count])
-        n = int(count.item())
-        return {key: {"items": n, "means": {m: [round(x, 6) for x in (sums[j, i] / max(n, 1)).tolist()]
-                                            for i, m in enumerate(metrics)}} for j, key in enumerate(keys)}
+                    sums[j, i] = item_values[key][m][chosen].sum(0)
+        self.group.sum_([sums, counts])
+        n = int(counts[metrics.index("p@1")].item()) if metrics else 0
+        out = {}
+        for j, key in enumerate(keys):
+            means = {m: [round(x, 6) for x in (sums[j, i] / counts[i]).tolist()] for i, m in enumerate(metrics) if counts[i] > 0}
+            extra = {f"items_{m}": int(counts[i]) for i, m in enumerate(metrics) if int(counts[i]) != n}
+            out[key] = {"items": n, **extra, "means": means}
+        return out
 
     def _note_nonfinite(self, key: tuple, projected: torch.Tensor, scores: dict, owner: torch.Tensor,
                         encoded: list, bad: dict) -> None:

@@ -53,7 +53,8 @@ def final_stats(final_logits: torch.Tensor, chunk: int = 1 << 22) -> FinalStats:
 
 
 def lens_metrics(final_logits: torch.Tensor, lens_logits: torch.Tensor, next_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P)."""
+    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P).
+    Cross-entropy is NaN at positions whose next token is negative (none)."""
     return lens_metrics_from(final_stats(final_logits), lens_logits, next_tokens)
 
 
@@ -80,7 +81,10 @@ def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens:
     if expected_logit is None:
         expected_logit = torch.linalg.vecdot(z, final.probs[None])
     out["kl"] = (final.neg_entropy[None] - expected_logit.double() + lse.double()).float()
-    out["xent"] = lse - z.gather(-1, next_tokens[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
+    # a position without a next token (a negative id: the paper's draw over every token) has no cross-entropy: NaN
+    has_next = next_tokens >= 0
+    true_logit = z.gather(-1, next_tokens.clamp_min(0)[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
+    out["xent"] = torch.where(has_next[None], lse - true_logit, torch.full_like(lse, float("nan")))
     out["entropy"] = lse - torch.linalg.vecdot(q, z) / total
     return out
 

@@ -156,3 +156,35 @@ def test_every_metric_is_also_reported_without_the_items_at_position_0():
         # and the planted items do move the means over every item
         assert any(not math.isclose(sum(r[f"r2.L{l}"] for r in everything[projector]) / 10, without["means"]["r2"][l])
                    for l in range(L))
+
+
+def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entropy():
+    from harness.encoding import encode
+    from harness.protocols import NO_TARGET, Item
+
+    lens = build_lens_model(*tiny.build("gpt2"))
+    tok = lens.tokenizer
+    every = ProtocolConfig("paper", seed=3, position_draw="all")
+    drawn = build_items(get_corpus("wikipedia"), "validation", every, limit=8)
+    # three items drawn at their last token (u just below 1), the others as drawn
+    items = [Item(it.item_id, it.text, 0.999999 if k < 3 else it.u) for k, it in enumerate(drawn)]
+    last = sorted(it.item_id for it in items[:3])
+    n = len(tok(items[0].text)["input_ids"])
+    assert encode(items[0], tok, every, False).positions == [n - 1] and encode(items[0], tok, every, False).targets == [NO_TARGET]
+    assert encode(items[0], tok, ProtocolConfig("paper", seed=3), False).positions == [n - 2]  # the default draw
+    with pytest.raises(ValueError, match="paper protocol"):
+        ProtocolConfig("dense", position_draw="all")
+    fit = FitSpec("wikipedia", every, 60)
+    requests = [EvalRequest(p, "wikipedia", "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
+    responses = Engine(lens, batch_size=3).run(requests)
+    L = lens.num_layers
+    for req, resp in zip(requests, responses):
+        prov = PROVENANCE[resp["provenance"]]
+        assert prov["position_draw"] == "all" and prov["protocol"]["position_draw"] == "all"
+        assert prov["items_without_next_token"] == last and prov["items"] == 8
+        # every lens metric but cross-entropy; cross-entropy missing, not 0
+        assert all(math.isfinite(resp[f"{m}.L{l}"]) for m in METRICS if m != "xent" for l in range(L))
+        if req.item.item_id in last:
+            assert not any(k.split(".")[0] == "xent" for k in resp)
+        else:
+            assert all(math.isfinite(resp[f"xent.L{l}"]) for l in range(L)) and resp["xent"] > 0

@@ -174,3 +174,11 @@ def test_the_engine_scorer_is_unbiased_on_a_real_vocabulary():
     for name, expected in _reference(final, lens_logits, nxt).items():
         err = out[name].double() - expected
         assert float(err.abs().mean()) < 2e-5, (name, float(err.mean()), float(err.abs().mean()))
+
+
+def test_cross_entropy_is_undefined_without_a_next_token():
+    gen = torch.Generator().manual_seed(4)
+    final, lens = torch.randn(3, 50, generator=gen), torch.randn(2, 3, 50, generator=gen)
+    out = lens_metrics(final, lens, torch.tensor([7, -1, 3]))
+    assert torch.isnan(out["xent"][:, 1]).all() and torch.isfinite(out["xent"][:, [0, 2]]).all()
+    assert all(torch.isfinite(v).all() for k, v in out.items() if k != "xent")

@@ -119,3 +119,42 @@ def test_lm_eval_runs_a_custom_corpus_with_a_one_token_document_to_the_end(tmp_p
         scored = [s for s in samples if s["doc"]["item_id"] not in short]
         mean = sum(s["p@1.L0"] for s in scored) / len(scored)
         assert math.isclose(results["results"][task]["p@1.L0,none"], mean, rel_tol=1e-12)
+
+
+@pytest.mark.slow
+def test_lm_eval_with_the_papers_draw_averages_cross_entropy_over_the_items_that_have_it(tmp_path):
+    """position_draw=all: an item drawn at its last token has every metric but cross-entropy, which lm-eval then
+    averages over the other items only (never over a 0)."""
+    launch = lm_eval_launch(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    prefix, env = launch
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+    model, tok = tiny.build("llama", layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+
+    def last_token_items(seed):
+        protocol = ProtocolConfig("paper", seed=seed, position_draw="all")
+        items = build_items(get_corpus("news"), "validation", protocol, limit=30)
+        return sorted(it.item_id for it in items if encode(it, tok, protocol, False).targets == [-1])
+
+    seed = next(s for s in range(1, 200) if last_token_items(s))  # a seed that draws some item at its last token
+    last = last_token_items(seed)
+    out = tmp_path / "out"
+    meta = {"position_draw": "all", "seed": seed, "n_eval": 30}
+    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "jtc_id_news",
+                    "--output_path", str(out), "--log_samples", "--metadata", json.dumps(meta)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
+    results = json.loads(Path(results_file).read_text())
+    res = results["results"]["jtc_id_news"]
+    prov = results["configs"]["jtc_id_news"]["metadata"]["provenance"]
+    assert prov["items_without_next_token"] == last and prov["protocol"]["position_draw"] == "all"
+    samples = [json.loads(line) for line in Path(glob.glob(str(out / "*" / "samples_jtc_id_news_*.jsonl"))[0]).read_text().splitlines()]
+    assert len(samples) == 30
+    with_xent = [s for s in samples if s["doc"]["item_id"] not in last]
+    assert all("xent.L0" not in s for s in samples if s["doc"]["item_id"] in last)
+    assert math.isclose(res["xent.L0,none"], sum(s["xent.L0"] for s in with_xent) / len(with_xent), rel_tol=1e-12)
+    assert math.isclose(res["p@1.L0,none"], sum(s["p@1.L0"] for s in samples) / 30, rel_tol=1e-12)
