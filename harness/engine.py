@@ -186,15 +186,21 @@ class Engine:
                 n_pos.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
                 has_next = targets >= 0
                 n_next.index_add_(0, owner, has_next.double().cpu())
-                for key, projector in projectors.items():
-                    projected = projector.project(states, sources, L)
-                    scores = self._score(final_logits, projected, targets)
-                    scores["xent"] = torch.where(has_next[None], scores["xent"], 0.0)  # undefined there, not 0: see n_next
-                    self._note_nonfinite(key, projected, scores, owner, encoded, bad_projector)
-                    for m, v in scores.items():
-                        values[key][m].index_add_(0, owner, v.T.double().cpu())
-                    diff = (projected - target[None]).float()
-                    sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
+                # a slice of positions at a time: the final prediction's share is computed once for every projector
+                pos_step, layer_step = self._steps(len(owner), final_logits.shape[-1])
+                for p0 in range(0, len(owner), pos_step):
+                    sl = slice(p0, p0 + pos_step)
+                    part = self._final_part(final_logits[sl])
+                    for key, projector in projectors.items():
+                        projected = projector.project(states[:, sl], sources, L)
+                        scores = self._slice_scores(part, projected, targets[sl], layer_step)
+                        # undefined without a next token, not 0: n_next counts the positions that have one
+                        scores["xent"] = torch.where(has_next[sl][None], scores["xent"], 0.0)
+                        self._note_nonfinite(key, projected, scores, owner[sl], encoded, bad_projector)
+                        for m, v in scores.items():
+                            values[key][m].index_add_(0, owner[sl], v.T.double().cpu())
+                        diff = (projected - target[None, sl]).float()
+                        sq_err[key].index_add_(0, owner[sl], (diff * diff).permute(1, 0, 2).cpu())
         # The evaluation set is the union of every process's items; an item that reached several processes
         # counts once, for the first of them. Every process learns of every problem before any of them stops.
         gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added,
@@ -338,41 +344,56 @@ class Engine:
         return _variance(sums[0][None], sums[1][None], sums[2])
 
     def _score(self, final_logits: torch.Tensor, projected: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Lens metrics (S, P), the logits materialised a slice of positions and layers at a time.
-
-        Slices stay near LOGIT_BUDGET elements (at least MIN_LOGIT_ROWS rows), small enough for the
-        passes over each to run from cache; the final prediction's share of the metrics is computed once per slice of positions.
-        When the readout ends in a plain linear map (no soft-capping), sum_v p_v z_v, the expected
-        lens logit under the final distribution p, is (p W) . f + p . b for the normalised vector f:
-        a (P, d) product per slice of positions instead of a pass over every layer's logits.
-        """
+        """Lens metrics (S, P) of one projector's states at P positions, the way the engine computes them."""
         S, P, _ = projected.shape
-        V = final_logits.shape[-1]
-        lens = self.lens
-        rows = max(MIN_LOGIT_ROWS, LOGIT_BUDGET // V)
-        pos_step = max(1, min(P, rows))
-        layer_step = max(1, rows // pos_step)
-        linear = not lens.softcap and isinstance(lens.unembed, torch.nn.Linear)
+        pos_step, layer_step = self._steps(P, final_logits.shape[-1])
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for p0 in range(0, P, pos_step):
-            final = final_stats(final_logits[p0:p0 + pos_step])
-            if linear:
-                pw = (final.probs @ lens.unembed.weight.float()).to(lens.dtype)  # (p, d)
-                pb = final.probs @ lens.unembed.bias.float() if lens.unembed.bias is not None else None
-            row: dict[str, list[torch.Tensor]] = defaultdict(list)
-            for s0 in range(0, S, layer_step):
-                features = lens.final_norm(projected[s0:s0 + layer_step, p0:p0 + pos_step].to(lens.dtype))
-                logits = lens.readout_features(features)
-                expected = None
-                if linear:
-                    expected = torch.linalg.vecdot(features, pw[None]).float()
-                    if pb is not None:
-                        expected = expected + pb[None]
-                for m, v in lens_metrics_from(final, logits, targets[p0:p0 + pos_step], expected).items():
-                    row[m].append(v)
-            for m, v in row.items():
-                parts[m].append(torch.cat(v, dim=0))
+            sl = slice(p0, p0 + pos_step)
+            for m, v in self._slice_scores(self._final_part(final_logits[sl]), projected[:, sl], targets[sl], layer_step).items():
+                parts[m].append(v)
         return {m: torch.cat(v, dim=1) for m, v in parts.items()}
+
+    def _steps(self, P: int, V: int) -> tuple[int, int]:
+        """Positions and layers per slice of logits: near LOGIT_BUDGET elements (at least MIN_LOGIT_ROWS rows),
+        small enough for the passes over each slice to run from cache."""
+        rows = max(MIN_LOGIT_ROWS, LOGIT_BUDGET // V)
+        pos_step = max(1, min(P, rows))
+        return pos_step, max(1, rows // pos_step)
+
+    def _final_part(self, final_logits: torch.Tensor) -> tuple:
+        """What every layer and projector needs from the final prediction at a slice of positions.
+
+        When the readout ends in a plain linear map (no soft-capping), sum_v p_v z_v, the expected lens logit
+        under the final distribution p, is (p W) . f + p . b for the normalised vector f: a (P, d) product per
+        slice of positions instead of a pass over every layer's logits.
+        """
+        lens = self.lens
+        final = final_stats(final_logits)
+        if lens.softcap or not isinstance(lens.unembed, torch.nn.Linear):
+            return final, None, None
+        # p W in float32 (a float64 product would need W in float64, 1.3 GB for 262k x 640, or its conversion at every
+        # slice); the dot product with f in float64, also for low-precision models
+        pw = (final.probs @ lens.unembed.weight.float()).double()  # (p, d)
+        pb = final.probs.double() @ lens.unembed.bias.double() if lens.unembed.bias is not None else None
+        return final, pw, pb
+
+    def _slice_scores(self, part: tuple, projected: torch.Tensor, targets: torch.Tensor, layer_step: int) -> dict[str, torch.Tensor]:
+        """Lens metrics (S, p) of projected states (S, p, d) at a slice of positions, a few layers' logits at a time."""
+        final, pw, pb = part
+        lens = self.lens
+        out: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for s0 in range(0, projected.shape[0], layer_step):
+            features = lens.final_norm(projected[s0:s0 + layer_step].to(lens.dtype))
+            logits = lens.readout_features(features)
+            expected = None
+            if pw is not None:
+                expected = torch.linalg.vecdot(features.double(), pw[None])
+                if pb is not None:
+                    expected = expected + pb[None]
+            for m, v in lens_metrics_from(final, logits, targets, expected).items():
+                out[m].append(v)
+        return {m: torch.cat(v, dim=0) for m, v in out.items()}
 
     def _group_provenance(self, group, union: list[tuple], n_pos0: int) -> dict:
         """``union``: (item id, token ids, scored positions, at position 0, BOS added) of every item of the set."""

@@ -74,18 +74,21 @@ def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens:
     zmax, top1 = z.max(dim=-1)  # (S, P)
     q = torch.softmax(z, dim=-1)
     total = q.sum(dim=-1)
-    lse = zmax - q.gather(-1, top1[..., None])[..., 0].log() + total.log()
+    # max z is exact and the correction small: added in float64, lse keeps its precision when logits are large
+    # (id lens logits of early layers reach ~800, where float32 spacing is 6e-5)
+    lse64 = zmax.double() + (total.log() - q.gather(-1, top1[..., None])[..., 0].log()).double()
+    lse = lse64.float()
     hits = top1[..., None] == final.top[None]  # (S, P, k)
     out = {f"p@{k}": hits[..., :k].any(dim=-1).float() for k in TOPK}
     out["surprisal"] = -final.log_probs.gather(-1, top1.T).T
     if expected_logit is None:
         expected_logit = torch.linalg.vecdot(z, final.probs[None])
-    out["kl"] = (final.neg_entropy[None] - expected_logit.double() + lse.double()).float()
+    out["kl"] = (final.neg_entropy[None] - expected_logit.double() + lse64).float()
     # a position without a next token (a negative id: the paper's draw over every token) has no cross-entropy: NaN
     has_next = next_tokens >= 0
     true_logit = z.gather(-1, next_tokens.clamp_min(0)[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
-    out["xent"] = torch.where(has_next[None], lse - true_logit, torch.full_like(lse, float("nan")))
-    out["entropy"] = lse - torch.linalg.vecdot(q, z) / total
+    out["xent"] = torch.where(has_next[None], (lse64 - true_logit.double()).float(), torch.full_like(lse, float("nan")))
+    out["entropy"] = (lse64 - (torch.linalg.vecdot(q, z) / total).double()).float()
     return out
 
 
