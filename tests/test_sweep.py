@@ -54,6 +54,7 @@ def test_sweep_runs_models_in_turn_and_resumes(tmp_path):
     assert len(results) == 2 and stdout.count("done in") == 2
     assert (out / "leaderboard" / "index.html").is_file()
     assert "peak memory" in stdout
+    assert "r2 median" in stdout and "medians over layers" in stdout  # never a layer mean of r^2
     assert "Processes · peak memory" in (out / "leaderboard" / "runs.html").read_text(encoding="utf-8")
     for folder in folders:  # every model's results carry its own provenance
         record = json.loads(next(out.glob(f"*{Path(folder).name}/{RECORD}")).read_text())
