@@ -1,7 +1,12 @@
 """A model that produces inf/NaN on some items: a clear error by default, or those items dropped and listed."""
 
+import glob
+import json
 import math
+import os
+import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from harness.nonfinite import NonFiniteError
 from harness.projectors import GramAccumulator, IdentityProjector, fit_least_squares
 from harness.projectors.least_squares import FitError
 from harness.protocols import ProtocolConfig, build_items
+from installed import lm_eval_launch
 
 PROTOCOL = ProtocolConfig("paper", seed=3)
 BLOCK = 1  # the block whose output is poisoned: hidden state h_2
@@ -180,14 +186,6 @@ def test_padding_does_not_carry_a_bad_value_to_other_rows():
 
 @pytest.mark.slow
 def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_path):
-    import glob
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from installed import lm_eval_launch
-
     launch = lm_eval_launch(dict(os.environ))
     if launch is None:
         pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
