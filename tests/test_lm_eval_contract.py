@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SIGNATURES = [
     # _jtc_lens_autoload / registration: wrapped so that the jtc task folder is among the include paths
     ("lm_eval.tasks.manager", "TaskManager.__init__", ["include_path", "include_defaults", "metadata"]),
-    # wrapped: a jtc task request fails with the registration error when registration failed
+    # wrapped by _jtc_lens_autoload: a jtc task request fails with the cause when registration failed
     ("lm_eval.tasks.manager", "TaskManager.match_tasks", ["task_list"]),
     ("lm_eval.tasks.manager", "TaskManager.load", ["task_list"]),
     # registration: wrapped to drop jtc options from the model arguments; the model registered for
