@@ -15,6 +15,9 @@ import torch
 TOPK = (1, 5, 10)
 LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
 NATS_PER_BIT = math.log(2.0)
+# Direction of every per-layer metric (None: neither); lm-eval reports it, the leaderboard says which projector is better by it.
+HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
+                    "entropy": None, "r2": True}
 
 
 @dataclass(frozen=True)

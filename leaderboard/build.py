@@ -20,8 +20,10 @@ from . import read, svg, tables
 from .read import Problem
 
 TEMPLATES = Path(__file__).parent / "templates"
-ALPHA = 0.05
+# The defaults of a build, for the jtc leaderboard command and the sweep alike
+ALPHA = 0.05  # family-wise error level of the Holm-corrected tests
 N_RESAMPLES = 2000  # keeps a build to seconds; deep families get more (tables.resamples_for)
+SEED = 0  # seed of the resampling
 CHARTS = (
     ("p@1", "P@1", False, (0.0, 1.0),
      "Share of items where the projector's top token is the model's own top-1 prediction (higher is better)."),
@@ -156,18 +158,19 @@ def _family_data(f: tables.Family) -> dict:
             "error": f.error, "layers": [r.to_dict() for r in f.rows]}
 
 
-def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
-               seed: int = 0, stream=None) -> BuildResult:
-    """Build the site from lm-eval output folders; problems become warnings (stderr and index), not failures."""
+def build_site(results: list[str | Path], output: str | Path, alpha: float = ALPHA, resamples: int = N_RESAMPLES,
+               seed: int = SEED, stream=None) -> BuildResult:
+    """Build the site in ``output`` from lm-eval output folders (or results files) ``results``; problems
+    become warnings (stderr and index), not failures."""
     start = time.perf_counter()
     stream = sys.stderr if stream is None else stream
-    out = Path(out_dir)
-    loaded = read.load(paths)
+    out = Path(output)
+    loaded = read.load(results)
     warnings = list(loaded.warnings)
     all_models = tables.models(loaded.tasks)
     cache = read.SampleCache()
     env = environment()
-    common = {"alpha": alpha, "n_resamples": n_resamples, "models": all_models, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    common = {"alpha": alpha, "n_resamples": resamples, "models": all_models, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     families_out = []
     model_pages = []
@@ -177,7 +180,7 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
             tasks = m.in_distribution(dist)
             if not tasks:
                 continue  # only transfer runs here; they are on the transfer page
-            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed)
             for f in fams:
                 families_out.append(_family_data(f))
                 if f.error:
@@ -190,7 +193,7 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
             })
         model_pages.append((m, sections))
 
-    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed)
     transfer_views = []
     for tr in transfers:
         shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
@@ -220,14 +223,14 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)
-    data = {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "families": families_out,
+    data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
     (out / "comparisons.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
 
 
-def run(args: argparse.Namespace) -> int:
-    result = build_site(args.results, args.output, alpha=args.alpha, n_resamples=args.resamples, seed=args.seed)
+def exit_status(result: BuildResult) -> int:
+    """Say where the site is; 1 when no run could be shown (the index then lists the problems)."""
     if not any(p.name.startswith("model-") for p in result.pages):
         print("jtc leaderboard: no usable results; the index lists the problems", file=sys.stderr)
         return 1
@@ -236,12 +239,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m leaderboard.build ...``: the same as ``jtc leaderboard ...``, whose parser defines the options."""
-    from harness.cli import main as jtc
+def parser(prog: str = "jtc leaderboard") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Static HTML leaderboard (rankings, charts, paired tests) from lm-eval results.")
+    p.add_argument("results", nargs="+", help="folders holding results_*.json (searched recursively) or the files")
+    p.add_argument("-o", "--output", required=True, help="folder to write the site to (created if missing)")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error level of the Holm-corrected tests (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap and permutation resamples per layer (default %(default)s)")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the resampling (default %(default)s)")
+    return p
 
-    return jtc(["leaderboard", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
+    """``jtc leaderboard ...`` (harness.cli hands its arguments here) or ``python -m leaderboard.build ...``."""
+    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"jtc leaderboard: {exc}", file=sys.stderr)
+        return 1
+    return exit_status(result)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m leaderboard.build"))

@@ -17,6 +17,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from ..corpora import get_corpus
 from ..engine import METRICS, PROVENANCE
+from ..metrics import HIGHER_IS_BETTER
 from ..projectors import FITTED, NAMES
 from ..protocols import ProtocolConfig, build_items
 from . import handler
@@ -44,8 +45,6 @@ DEFAULTS = {
     "stop_at": None,
     "tuned_lens_path": None,  # evaluate a lens saved by the tuned-lens package instead of training one
 }
-HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True}
 
 
 class _MeanForEveryMetric(dict):
