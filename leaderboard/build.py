@@ -16,6 +16,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from harness.store import atomic_write_bytes
+
 from . import read, svg, tables
 from .read import Problem
 
@@ -212,8 +214,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     pages = []
 
     def write(name: str, template: str, **ctx) -> None:
+        # atomically: a build stopped at any point leaves every page whole, the old one or the new one
         path = out / name
-        path.write_text(env.get_template(template).render(page=name, **common, **ctx), encoding="utf-8")
+        atomic_write_bytes(path, env.get_template(template).render(page=name, **common, **ctx).encode("utf-8"))
         pages.append(path)
 
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
@@ -225,7 +228,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     write("runs.html", "runs.html.j2", runs=runs)
     data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
-    (out / "comparisons.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    atomic_write_bytes(out / "comparisons.json", json.dumps(data, indent=1).encode("utf-8"))
     return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
 
 
