@@ -8,6 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from . import options
+
+# the options of a tuned lens that `jtc tuned export` trains
+TUNED_EXPORT_OPTIONS = ("recipe", "token_budget", "tokens_per_step", "tuned_chunk_len", "warm_fit_tokens", "tuned_loss",
+                        "stop_at", "seed")
+
 
 def _models(args) -> int:
     from . import bundled
@@ -48,9 +54,18 @@ def _corpora(args) -> int:
         from . import bundled
 
         tokenizer = AutoTokenizer.from_pretrained(bundled.prepare("smollm2-135m"))
-    rows = []
+    from .corpora import MissingSourceError
+
+    rows, missing = [], []
     for name in selected:
-        row = catalog.describe(name, tokenizer)
+        try:
+            row = catalog.describe(name, tokenizer)
+        except MissingSourceError as exc:  # one missing package must not hide the others
+            missing.append(name)
+            rows.append({"name": name, "missing": str(exc)})
+            if not args.markdown:
+                print(f"{name:10s} MISSING  {exc}")
+            continue
         rows.append(row)
         if not args.markdown:
             tokens = f" {row['tokens']:>10,} tokens" if "tokens" in row else ""
@@ -59,7 +74,10 @@ def _corpora(args) -> int:
                   f"sha256 {row['sources_sha256'][:16]}  {row['description']}")
     if args.markdown:
         print(catalog.markdown_table(rows))
-    return 0
+    if missing:
+        print(f"jtc corpora list: {len(missing)} of {len(selected)} distribution(s) not installed: {', '.join(missing)}",
+              file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _table(args) -> int:
@@ -74,12 +92,22 @@ def _table(args) -> int:
 def _sweep(args) -> int:
     from .sweep import run_sweep
 
-    metadata = json.loads(args.metadata) if args.metadata else {}
-    for key in ("n_eval", "n_fit", "fit_on", "protocol", "seed", "recipe", "token_budget", "tokens_per_step",
-                "tuned_chunk_len", "warm_fit_tokens"):
+    from .options import NAMES, OptionError, check_known
+
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else {}
+    except ValueError as exc:
+        print(f"jtc sweep: --metadata is not JSON ({exc})", file=sys.stderr)
+        return 2
+    for key in NAMES:
         value = getattr(args, key)
         if value is not None:
             metadata[key] = value
+    try:
+        check_known(metadata, where="jtc sweep --metadata")
+    except OptionError as exc:
+        print(f"jtc sweep: {exc}", file=sys.stderr)
+        return 2
     return run_sweep(
         models=[m for m in args.models.split(",") if m],
         tasks=args.tasks,
@@ -107,7 +135,8 @@ def _tuned(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lens = build_lens_model(model, AutoTokenizer.from_pretrained(folder))
     recipe = TunedRecipe(args.recipe, token_budget=args.token_budget, chunk_len=args.tuned_chunk_len,
-                         tokens_per_step=args.tokens_per_step, warm_fit_tokens=args.warm_fit_tokens, seed=args.seed)
+                         tokens_per_step=args.tokens_per_step, warm_fit_tokens=args.warm_fit_tokens, seed=args.seed,
+                         loss=args.tuned_loss, stop_at=args.stop_at)
     projector, info = get_tuned(lens, TunedSpec(args.fit_on, recipe))
     export_tuned_lens(projector, Path(args.out), args.model, lens.unembed.weight)
     print(f"{args.out}: tuned lens ({recipe.name}, {info.get('tokens_spent')} tokens, cache {info.get('cache')})")
@@ -146,16 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--tasks", default="jtc_*")
     sweep.add_argument("--output_path", required=True)
     sweep.add_argument("--metadata", help="JSON task options passed to lm_eval --metadata")
-    sweep.add_argument("--n-eval", dest="n_eval", type=int, help="evaluation items per task")
-    sweep.add_argument("--n-fit", dest="n_fit", type=int, help="fit items for mat/affine")
-    sweep.add_argument("--fit-on", dest="fit_on", help="fit distribution (transfer); default: the evaluated one")
-    sweep.add_argument("--protocol", choices=["paper", "dense"])
-    sweep.add_argument("--seed", type=int)
-    sweep.add_argument("--recipe", choices=["tuned-lens", "warm"], help="tuned lens recipe")
-    sweep.add_argument("--token-budget", dest="token_budget", type=int, help="tuned lens: training tokens")
-    sweep.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, help="tuned lens: tokens per SGD step")
-    sweep.add_argument("--tuned-chunk-len", dest="tuned_chunk_len", type=int, help="tuned lens: chunk length")
-    sweep.add_argument("--warm-fit-tokens", dest="warm_fit_tokens", type=int, help="tuned lens, warm: tokens of the affine start")
+    # every jtc option as a flag (--n-eval, --n-fit, ...): one schema, harness/options.py
+    options.add_flags(sweep, options.NAMES)
     sweep.add_argument("--model-args", dest="model_args", help="more lm_eval --model_args for every model, e.g. dtype=bfloat16")
     sweep.add_argument("--processes", type=int, default=1,
                        help="data-parallel processes per model (accelerate launch; GPUs if present, else CPU processes)")
@@ -168,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned.add_argument("--model", required=True, help="bundled name, hub name or local folder")
     tuned.add_argument("--fit-on", dest="fit_on", default="wikipedia")
     tuned.add_argument("--out", required=True, help="folder for config.json and params.pt")
-    tuned.add_argument("--recipe", choices=["tuned-lens", "warm"], default="warm")
-    tuned.add_argument("--token-budget", dest="token_budget", type=int, default=16384)
-    tuned.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, default=1024)
-    tuned.add_argument("--tuned-chunk-len", dest="tuned_chunk_len", type=int, default=256)
-    tuned.add_argument("--warm-fit-tokens", dest="warm_fit_tokens", type=int, default=8192)
-    tuned.add_argument("--seed", type=int, default=1234)
+    options.add_flags(tuned, TUNED_EXPORT_OPTIONS, typed=True)
     tuned.set_defaults(func=_tuned)
     leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results; "
                                  "jtc leaderboard --help for its options", add_help=False, prefix_chars="\0")

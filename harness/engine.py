@@ -271,6 +271,7 @@ class Engine:
             "model_record": model_record(getattr(self.lens.model.config, "_name_or_path", "") or ""),
             "distribution": distribution,
             "corpus_sha256": corpus.source_hash,
+            "corpus_pin": corpus.notes.get("pin"),  # bundled distributions: do the sources match the pinned ones
             "split": split,
             "protocol": protocol.as_dict(),
             "seed": protocol.seed,

@@ -15,8 +15,9 @@ from .distributed import SINGLE, Group
 from .encoding import batches, encode
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
+from .projectors.least_squares import RIDGE_GRID, choose_ridge
 from .projectors.cache import load_entry, save_entry
-from .protocols import ProtocolConfig, build_items
+from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
 from .store import cache_root, sha256_file, sha256_json
@@ -25,15 +26,37 @@ from .tuned_training import TunedRecipe, TunedTrainer, stream_hash
 log = logging.getLogger(__name__)
 
 
+MODEL_KEY = ("config_sha256", "unembed_sha256", "weights_sha256")
+
+
+def model_key(fingerprint: dict) -> dict | None:
+    """What identifies the model in a cache key: its config and every weight. None when the weights could not
+    be hashed: then no entry can be known to belong to this model, and the cache is not used."""
+    if not fingerprint.get("weights_sha256"):
+        return None
+    return {k: fingerprint[k] for k in MODEL_KEY}
+
+
+def _uncached(fingerprint: dict) -> str:
+    return f"not used: {fingerprint.get('weights_not_hashed') or 'the weights were not hashed'}"
+
+
 @dataclass(frozen=True)
 class FitSpec:
     fit_on: str
     protocol: ProtocolConfig
     n_fit: int
     pairs: str = "last"
+    ridge: float | str = 0.0  # relative to the Gram matrix's mean diagonal; "auto": chosen on held-out fit items
 
     def as_dict(self) -> dict:
-        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs}
+        return {"fit_on": self.fit_on, "protocol": self.protocol.as_dict(), "n_fit": self.n_fit, "pairs": self.pairs,
+                "ridge": self.ridge}
+
+
+# Positions per dimension below which a least-squares map is poorly determined (recorded as a warning).
+FIT_POSITIONS_PER_DIM = 10
+HELD_OUT_EVERY = 5  # ridge=auto: every 5th fit item is held out to choose the penalty
 
 
 @dataclass
@@ -46,9 +69,19 @@ class FittedLeastSquares:
 def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
     corpus = get_corpus(spec.fit_on)
     items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
+    if not items:
+        raise ValueError(f"cannot fit on {spec.fit_on}: its train split has no items: "
+                         + no_items_reason(corpus, "train", spec.protocol))
     encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
     return corpus, encoded, data_hash
+
+
+def fit_warnings(positions: int, d: int) -> list[str]:
+    if positions < FIT_POSITIONS_PER_DIM * d:
+        return [f"{positions} fit positions for d = {d} dimensions ({positions / d:.1f} per dimension, fewer than "
+                f"{FIT_POSITIONS_PER_DIM}): mat / affine may extrapolate badly to states unlike the fit data; raise n_fit or set ridge"]
+    return []
 
 
 def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
@@ -75,14 +108,15 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
     corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
     key = {
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_data_sha256": data_hash,
         "fit_on": spec.fit_on,
         "protocol": spec.protocol.as_dict(),
         "n_fit": spec.n_fit,
         "pairs": pairs,
+        "ridge": spec.ridge,
     }
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         log.info("least-squares projectors for %s loaded from the cache", spec.fit_on)
@@ -92,14 +126,33 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
             {**meta["info"], "cache": "hit"},
         )
     start = time.perf_counter()
-    acc = accumulate(lens, encoded, pairs, batch_size, desc=f"fit mat/affine on {spec.fit_on}/train", group=group)
-    if acc.n <= lens.d_model:
-        log.warning("only %d fit positions for %d dimensions: least squares is underdetermined (minimum-norm solution)", acc.n, lens.d_model)
-    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False))
-    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
+    desc = f"fit mat/affine on {spec.fit_on}/train"
+    ridge_info: dict = {"ridge": spec.ridge}
+    if spec.ridge == "auto":
+        held_items = encoded[::HELD_OUT_EVERY]
+        train_items = [e for k, e in enumerate(encoded) if k % HELD_OUT_EVERY]
+        train = accumulate(lens, train_items, pairs, batch_size, desc=desc + " (fit part)", group=group)
+        held = accumulate(lens, held_items, pairs, batch_size, desc=desc + " (held-out part)", group=group)
+        acc = train.add(held)
+        ridges, rel_err = {}, {}
+        for name, intercept in (("mat", False), ("affine", True)):
+            ridges[name], errors = choose_ridge(train, held, intercept)
+            rel_err[name] = {str(l): [round(e, 6) for e in errs] for l, errs in errors.items()}
+        ridge_info = {"ridge": "auto", "ridge_grid": list(RIDGE_GRID), "held_out_items": len(held_items),
+                      "ridge_chosen": {name: {str(l): lam for l, lam in r.items()} for name, r in ridges.items()},
+                      "held_out_error_relative_to_ridge_0": rel_err}
+    else:
+        acc = accumulate(lens, encoded, pairs, batch_size, desc=desc, group=group)
+        ridges = {"mat": float(spec.ridge), "affine": float(spec.ridge)}
+    warnings_ = fit_warnings(acc.n, lens.d_model)
+    for message in warnings_:
+        log.warning("fitting on %s: %s", spec.fit_on, message)
+    mat = LeastSquaresProjector("mat", fit_least_squares(acc, intercept=False, ridge=ridges["mat"]))
+    affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True, ridge=ridges["affine"]))
     info = {
         "fit_on": spec.fit_on,
         "fit_corpus_sha256": corpus.source_hash,
+        "fit_corpus_pin": corpus.notes.get("pin"),
         "fit_split": "train",
         "fit_items": len(encoded),
         "fit_positions": acc.n,
@@ -107,10 +160,14 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "pairs": pairs,
         "fit_seconds": round(time.perf_counter() - start, 2),
         "accumulation": "float64 Gram matrices, one pass",
+        **ridge_info,
+        "warnings": warnings_,
         "processes": group.world_size,
         "versions": versions(),
     }
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         tensors = {f"mat.{k}": v for k, v in mat.tensors().items()} | {f"affine.{k}": v for k, v in affine.tensors().items()}
         meta = save_entry(key, tensors, {"info": info})
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}
@@ -130,6 +187,14 @@ class TunedSpec:
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
+def _require_training_text(spec: TunedSpec) -> None:
+    """An empty train split would leave the lens at its start (the identity, or the affine fit of nothing)."""
+    corpus = get_corpus(spec.fit_on)
+    if not any(d.text.strip() for d in corpus.split("train", seed=spec.recipe.seed)):
+        raise ValueError(f"cannot train a tuned lens on {spec.fit_on}: its train split has no text: "
+                         + no_items_reason(corpus, "train", ProtocolConfig("dense", seed=spec.recipe.seed)))
+
+
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
     """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint;
     the processes of ``group`` share each step's chunks and sum their gradients)."""
@@ -141,20 +206,26 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None,
                            "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
     key = {
         "family": "tuned",
-        "model": {k: fingerprint[k] for k in ("config_sha256", "unembed_sha256")},
+        "model": model_key(fingerprint),
         "fit_on": spec.fit_on,
         "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer)),
         "recipe": spec.recipe.as_dict(),
     }
-    cached = load_entry(key)
+    cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
         return TunedProjector.from_tensors(tensors), {**meta["info"], "cache": "hit"}
-    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24]
+    _require_training_text(spec)
+    # no checkpoint for unidentified weights: it could be resumed by another model
+    checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24] if key["model"] else None
     projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
-    info = {**info, "fit_corpus_sha256": get_corpus(spec.fit_on).source_hash, "stream_sha256": key["stream_sha256"],
+    fit_corpus = get_corpus(spec.fit_on)
+    info = {**info, "fit_corpus_sha256": fit_corpus.source_hash, "fit_corpus_pin": fit_corpus.notes.get("pin"),
+            "stream_sha256": key["stream_sha256"],
             "processes": group.world_size, "versions": versions()}
-    if group.is_main:
+    if not key["model"]:
+        info = {**info, "cache": _uncached(fingerprint)}
+    elif group.is_main:
         meta = save_entry(key, projector.tensors(), {"info": info})
         shutil.rmtree(checkpoint, ignore_errors=True)  # the cache entry supersedes it (weights and momentum: large)
         info = {**info, "cache": "miss", "cache_entry": meta["tensors_sha256"][:16]}

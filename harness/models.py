@@ -7,13 +7,18 @@ found by inspecting the module tree, then checked against the model's own forwar
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .store import sha256_bytes
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(RuntimeError):
@@ -95,14 +100,26 @@ class LensModel:
         return torch.stack(states)
 
     def fingerprint(self) -> dict:
-        """Identity of the weights a projector was fitted for: the config and a hash of the unembedding."""
+        """Identity of the weights a projector is fitted for: the config, every parameter and buffer, and
+        (for the tuned-lens import check) the unembedding on its own.
+
+        The weights are hashed afresh on every call, never remembered: a model changed in memory between
+        two runs must not keep the first one's identity. Callers hash once per run (``Engine``).
+        """
         config = self.model.config.to_dict()
         for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "quantization_config"):
             config.pop(volatile, None)
         weight = self.unembed.weight.detach().to("cpu", torch.float32).contiguous()
         config_hash = sha256_bytes(json.dumps(config, sort_keys=True, default=str).encode())
-        unembed_hash = sha256_bytes(weight.numpy().tobytes())
-        return {
+        unembed_hash = hashlib.sha256(weight.numpy()).hexdigest()  # the buffer itself: no copy
+        start = time.perf_counter()
+        try:
+            weights_hash, unhashed = weights_sha256(self.model), None
+        except WeightsNotHashable as exc:
+            weights_hash, unhashed = None, str(exc)
+            log.warning("%s; fitted projectors of this model are neither taken from nor written to the cache", exc)
+        log.info("model weights hashed in %.2f s", time.perf_counter() - start)
+        out = {
             "name": getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__,
             "architecture": type(self.model).__name__,
             "model_type": getattr(self.model.config, "model_type", ""),
@@ -112,8 +129,45 @@ class LensModel:
             "masked": self.masked,
             "config_sha256": config_hash,
             "unembed_sha256": unembed_hash,
-            "id": sha256_bytes(f"{config_hash}:{unembed_hash}".encode())[:16],
+            "weights_sha256": weights_hash,
+            "id": sha256_bytes(f"{config_hash}:{weights_hash or unembed_hash}".encode())[:16],
         }
+        if unhashed:
+            out["weights_not_hashed"] = unhashed
+        return out
+
+
+class WeightsNotHashable(RuntimeError):
+    """Some weight has no bytes in memory (a meta or offloaded tensor, an opaque tensor subclass)."""
+
+
+def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name; a tensor shared under several names (tied embeddings) once."""
+    tensors = dict(model.named_parameters())
+    for name, buffer in model.named_buffers():
+        tensors.setdefault(name, buffer)
+    return tensors
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the name, dtype, shape and in-memory bytes of every parameter and buffer, in name order.
+
+    The bytes are the loaded ones (a model in bfloat16 is another model than in float32: its hidden
+    states differ), read one tensor at a time so that a GPU model needs host memory for one tensor only.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(weight_tensors(model).items()):
+        tensor = tensor.detach()
+        if tensor.is_meta:
+            raise WeightsNotHashable(f"weight {name} is not in memory (meta device: offloaded or not loaded)")
+        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        try:
+            data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        except (RuntimeError, TypeError) as exc:
+            raise WeightsNotHashable(f"weight {name} ({type(tensor).__name__}, {tensor.dtype}) cannot be read as bytes: {exc}") from None
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
@@ -167,6 +221,13 @@ class _HeadTransform(nn.Module):
 def build_lens_model(model: nn.Module, tokenizer, verify: bool = True) -> LensModel:
     """Map ``model`` onto blocks, final norm and unembedding, then check the map against its forward pass."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        # not a masked LM (it has no mask token to read a position through) nor a causal one: its decoder's
+        # states depend on the encoder's output and on the decoder's own inputs
+        raise AdapterError(
+            f"{type(model).__name__} is an encoder-decoder model, which is not supported: the lens reads one stack of "
+            "blocks whose last state the unembedding turns into the prediction, and here the prediction comes from a "
+            "decoder attending to a separate encoder; use a decoder-only (causal) LM or an encoder-only masked LM")
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not n_layers:
         raise AdapterError(f"{type(model).__name__}: the config names no number of layers (num_hidden_layers / n_layer)")

@@ -12,12 +12,14 @@ Items depend only on the corpus, the split, the seed and the protocol parameters
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .corpora import Corpus
-from .corpora.sentences import document_sentences
+from .corpora import SPLITS, Corpus
+from .corpora.base import SPLIT_FRACTIONS
+from .corpora.sentences import MAX_WORDS, MIN_WORDS, document_sentences
 
 PROTOCOLS = ("paper", "dense")
 # Characters per token is about 4 for English BPE vocabularies; dense blocks carry 1.5x that so
@@ -58,6 +60,14 @@ class Item:
         return asdict(self)
 
 
+def item_sha256(item: Item, protocol: ProtocolConfig) -> str:
+    """Short hash of what an item's scores depend on besides the model: its text, its position draw and the
+    protocol's chunking. Recorded with every sample so that items paired by id can be checked to be the same."""
+    chunking = {k: v for k, v in protocol.as_dict().items() if k != "seed"}  # the seed acts through u and the ids
+    payload = json.dumps([item.text, item.u, chunking], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 def _uniform(seed: int, item_id: str) -> float:
     """A uniform draw tied to (seed, item id): an item keeps its position whatever else is sampled."""
     digest = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
@@ -78,6 +88,24 @@ def build_items(corpus: Corpus, split: str, protocol: ProtocolConfig, limit: int
     if protocol.name == "paper":
         chosen = [Item(it.item_id, it.text, _uniform(protocol.seed, it.item_id)) for it in chosen]
     return chosen
+
+
+def no_items_reason(corpus: Corpus, split: str, protocol: ProtocolConfig) -> str:
+    """Why ``split`` of ``corpus`` yields no items under ``protocol``: said instead of a bare "no items"."""
+    counts = {s: len(corpus.split(s, seed=protocol.seed)) for s in SPLITS}
+    n = len(corpus.documents)
+    if counts[split] == 0:
+        where = ", ".join(f"{s} {k}" for s, k in counts.items() if k)
+        shares = "/".join(f"{round(100 * f)}" for f in SPLIT_FRACTIONS)
+        return (f"all {n} document(s) fall in other splits than {split} ({where}): documents, not sentences, are split "
+                f"{shares} ({'/'.join(SPLITS)}), so a corpus needs at least 3 documents "
+                "(in a text file, documents are separated by blank lines; in a .jsonl file, one per line)")
+    docs = corpus.split(split, seed=protocol.seed)
+    if protocol.name == "paper":
+        skipped = sum(document_sentences(d.text)[1] for d in docs)
+        return (f"no sentence of the {len(docs)} document(s) of the {split} split has {MIN_WORDS} to {MAX_WORDS} words "
+                f"(the paper protocol scores one position per sentence; {skipped} sentence(s) were too short or too long)")
+    return f"the {len(docs)} document(s) of the {split} split hold no text"
 
 
 def _dense_blocks(doc_id: str, text: str, min_chars: int) -> list[Item]:

@@ -86,6 +86,22 @@ def _alignment(ids_a: Sequence[Hashable], ids_b: Sequence[Hashable]) -> tuple[li
     return ids_a, np.arange(len(ids_a), dtype=np.intp), idx_b
 
 
+def _check_contents(ids: list[Hashable], idx_a: np.ndarray, idx_b: np.ndarray,
+                    contents_a: Sequence[Hashable] | None, contents_b: Sequence[Hashable] | None) -> None:
+    """Items paired by id must be the same items: an id reused for other text (an edited corpus file,
+    another corpus version) would pair unrelated scores. ``contents_*`` are per-item content hashes."""
+    if contents_a is None and contents_b is None:
+        return
+    if contents_a is None or contents_b is None:
+        raise ValueError("item contents are known for one side only: cannot check that both scored the same items")
+    if len(contents_a) != len(idx_a) or len(contents_b) != len(idx_b):
+        raise ValueError(f"item contents and ids differ in length: A {len(contents_a)}/{len(idx_a)}, B {len(contents_b)}/{len(idx_b)}")
+    differ = [ids[k] for k in range(len(ids)) if contents_a[idx_a[k]] != contents_b[idx_b[k]]]
+    if differ:
+        raise ValueError(f"A and B scored different contents under the same item ids: {len(differ)} of {len(ids)} item(s) "
+                         f"differ, e.g. {_examples(differ)}")
+
+
 def _finite_vector(values: ArrayLike, name: str) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     if x.ndim != 1:
@@ -97,9 +113,12 @@ def _finite_vector(values: ArrayLike, name: str) -> np.ndarray:
 
 
 def pair_by_id(
-    ids_a: Sequence[Hashable], values_a: ArrayLike, ids_b: Sequence[Hashable], values_b: ArrayLike
+    ids_a: Sequence[Hashable], values_a: ArrayLike, ids_b: Sequence[Hashable], values_b: ArrayLike,
+    contents_a: Sequence[Hashable] | None = None, contents_b: Sequence[Hashable] | None = None,
 ) -> tuple[list[Hashable], np.ndarray, np.ndarray]:
-    """Align two per-item arrays by item id: returns (ids in A's order, a, b) with a[i], b[i] of item ids[i]."""
+    """Align two per-item arrays by item id: returns (ids in A's order, a, b) with a[i], b[i] of item ids[i].
+
+    With ``contents_a``/``contents_b`` (a content hash per item), items of the same id must agree on it."""
     a = _finite_vector(values_a, "values_a")
     b = _finite_vector(values_b, "values_b")
     if len(a) != len(ids_a) or len(b) != len(ids_b):
@@ -107,6 +126,7 @@ def pair_by_id(
             f"ids and values differ in length: A {len(ids_a)} ids/{len(a)} values, B {len(ids_b)} ids/{len(b)} values"
         )
     ids, idx_a, idx_b = _alignment(ids_a, ids_b)
+    _check_contents(ids, idx_a, idx_b, contents_a, contents_b)
     return ids, a[idx_a], b[idx_b]
 
 
@@ -295,13 +315,16 @@ def compare(
     alpha: float = 0.05,
     n_resamples: int = 10000,
     seed: int = 0,
+    contents_a: Sequence[Hashable] | None = None,
+    contents_b: Sequence[Hashable] | None = None,
 ) -> list[LayerComparison]:
     """Compare projectors A and B layer by layer on one family, Holm-corrected across its layers.
 
     The test is McNemar's exact test when every value of both projectors at every layer is 0/1,
     else the sign-flip test; one test for the whole family keeps its layers comparable. A metric
     named "p@..." whose values are fractions (per-item means over several positions) gets the
-    sign-flip test. Layers are reported in A's order.
+    sign-flip test. Layers are reported in A's order. ``contents_a``/``contents_b``: a content hash per
+    item (in the order of its ids); items paired by id must agree on it, else the comparison is refused.
     """
     cols_a = _layer_columns(a_by_layer, len(ids_a), "a_by_layer")
     cols_b = _layer_columns(b_by_layer, len(ids_b), "b_by_layer")
@@ -311,6 +334,7 @@ def compare(
     if not cols_a:
         raise ValueError("no layers to compare")
     ids, idx_a, idx_b = _alignment(ids_a, ids_b)
+    _check_contents(ids, idx_a, idx_b, contents_a, contents_b)
     if not ids:
         raise ValueError("no items to compare")
     layers = list(cols_a)

@@ -27,6 +27,34 @@ def resolve_model(name: str) -> str:
     return str(bundled.prepare(name)) if name in bundled.MODELS else name
 
 
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else with a path separator, or a leading ``.``, ``~`` or
+    ``/``, can only be a folder."""
+    return name.startswith((".", "~", "/")) or name.endswith("/") or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def model_problem(name: str) -> str | None:
+    """Why ``name`` cannot be loaded, found before anything runs (lm-eval would say only "Repo id must be ..."),
+    or None: a bundled name, a model folder, or a hub name (in the local cache when offline)."""
+    if name in bundled.MODELS:
+        return None
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return None if (folder / "config.json").is_file() else f"{name}: the folder has no config.json (not a Hugging Face model folder)"
+    if folder.exists():
+        return f"{name}: a file, not a model folder"
+    known = ", ".join(sorted(bundled.MODELS))
+    if _looks_like_path(name):
+        return f"{name}: no such model folder (and not a bundled model: {known})"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return (f"{name}: not a folder, not a bundled model ({known}), and not in the local Hugging Face cache; "
+                    "hub access is off (HF_HUB_OFFLINE=1): download it first or unset HF_HUB_OFFLINE")
+    return None
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_") or "model"
 
@@ -113,6 +141,11 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
         return 2
     if processes < 1:
         print("jtc sweep: --processes must be at least 1", file=sys.stderr)
+        return 2
+    problems = [p for p in map(model_problem, models) if p]
+    if problems:
+        for problem in problems:
+            print(f"jtc sweep: {problem}", file=sys.stderr)
         return 2
     output_path.mkdir(parents=True, exist_ok=True)
     done = []

@@ -25,14 +25,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
+from . import options
 from .corpora import get_corpus
+from .options import RECIPES
 from .distributed import SINGLE, Group
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
 from .projectors.tuned import TunedProjector
 from .store import atomic_write_bytes, atomic_write_json, sha256_json
 
-RECIPES = ("tuned-lens", "warm")
 
 
 class TrainingError(RuntimeError):
@@ -41,18 +42,20 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class TunedRecipe:
-    name: str = "tuned-lens"
-    token_budget: int = 65_536
-    chunk_len: int = 256
-    tokens_per_step: int = 2048
+    """A recipe's user options take their defaults from the options schema; the rest are the recipe's constants."""
+
+    name: str = options.default("recipe")
+    token_budget: int = options.default("token_budget")
+    chunk_len: int = options.default("tuned_chunk_len")
+    tokens_per_step: int = options.default("tokens_per_step")
     lr: float = 1.0  # the tuned-lens convention: PyTorch's SGD gets lr * (1 - momentum)
     momentum: float = 0.9
     weight_decay: float = 1e-3
     clip: float = 1.0
-    loss: str = "kl"
-    warm_fit_tokens: int = 8192
-    stop_at: float | None = None  # mean KL over layers (nats) at which to stop early
-    seed: int = 1234
+    loss: str = options.default("tuned_loss")
+    warm_fit_tokens: int = options.default("warm_fit_tokens")
+    stop_at: float | None = options.default("stop_at")  # mean KL over layers (nats) at which to stop early
+    seed: int = options.default("seed")
 
     def __post_init__(self):
         if self.name not in RECIPES:

@@ -157,7 +157,34 @@ def _family_data(f: tables.Family) -> dict:
     return {"model": f.model, "distribution": f.distribution, "metric": f.metric, "a": f.a_label, "b": f.b_label,
             "a_run": str(f.a.results_file), "b_run": str(f.b.results_file), "alpha": f.alpha, "correction": "holm",
             "n_resamples": f.n_resamples,
-            "error": f.error, "layers": [r.to_dict() for r in f.rows]}
+            "error": f.error, "notes": f.notes, "layers": [r.to_dict() for r in f.rows]}
+
+
+def _family_problems(f: tables.Family, model: str) -> list[Problem]:
+    """A comparison's error or notes as warnings of the build, naming the samples file."""
+    where = str(f.a.samples_file or f.a.results_file)
+    what = f"comparison {f.a_label} vs {f.b_label}, {f.metric}, {model} on {f.distribution}"
+    if f.error:
+        return [Problem(where, f"{what}: {f.error}")]
+    return [Problem(where, f"{what}: note: {n}") for n in f.notes]
+
+
+# Every page the build writes ends its title so; a model page of an earlier build carries it too.
+PAGE_MARK = "jtc-lens leaderboard</title>"
+
+
+def stale_pages(out: Path, written: list[Path]) -> list[Path]:
+    """Model pages an earlier build wrote into ``out`` for models this build does not have. Only files named
+    like the build's own model pages and carrying its title are the build's; anything else is left alone."""
+    keep = {p.name for p in written}
+    stale = []
+    for path in sorted(out.glob("model-*.html")):
+        if path.name in keep or not path.is_file():
+            continue
+        with path.open("r", encoding="utf-8", errors="replace") as fh:
+            if PAGE_MARK in fh.read(4096):
+                stale.append(path)
+    return stale
 
 
 def build_site(results: list[str | Path], output: str | Path, alpha: float = ALPHA, resamples: int = N_RESAMPLES,
@@ -185,9 +212,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
             fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed)
             for f in fams:
                 families_out.append(_family_data(f))
-                if f.error:
-                    warnings.append(Problem(str(f.a.samples_file or f.a.results_file),
-                                             f"comparison {f.a_label} vs {f.b_label}, {f.metric}, {m.name} on {dist}: {f.error}"))
+                warnings += _family_problems(f, m.name)
             sections.append({
                 "distribution": dist, "tasks": tasks, "families": fams,
                 "charts": metric_charts(tasks, fams, f"{m.name} on {dist}"), "heatmaps": r2_heatmaps(tasks),
@@ -201,9 +226,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
         shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
         for f in tr.families:
             families_out.append(_family_data(f))
-            if f.error:
-                warnings.append(Problem(str(f.a.samples_file or f.a.results_file),
-                                         f"comparison {f.a_label} vs {f.b_label}, {f.metric}, {tr.model.name} on {f.distribution}: {f.error}"))
+            warnings += _family_problems(f, tr.model.name)
         transfer_views.append({"t": tr, "charts": metric_charts(shown, tr.families, f"{tr.model.name} on {tr.task.distribution}",
                                                                 fit_labels=True)})
 
@@ -229,6 +252,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
     atomic_write_bytes(out / "comparisons.json", json.dumps(data, indent=1).encode("utf-8"))
+    for stale in stale_pages(out, pages):
+        stale.unlink()
+        print(f"jtc leaderboard: removed {stale}, the page of a model no longer in the results", file=stream)
     return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.projectors import FITTED
+from harness.options import FITTED
 
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
@@ -277,6 +277,11 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
         except (ValueError, TypeError, AttributeError) as exc:
             warnings.append(Problem(name, f"task {task}: {exc}; task skipped"))
     for t in run.tasks:
+        pin = t.provenance.get("corpus_pin")
+        if isinstance(pin, dict) and pin.get("status") == "differs":
+            warnings.append(Problem(name, f"task {t.task}: the {t.distribution} sources read by this run differ from the "
+                                           f"pinned ones (sources sha256 {str(pin.get('sources_sha256'))[:12]}… instead of "
+                                           f"{str(pin.get('pinned_sha256'))[:12]}…; see corpus_pin in its provenance)"))
         if t.samples_file is None:
             warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
                                            "--log_samples); its paired tests are not computed"))
@@ -318,6 +323,18 @@ def load(paths: list[str | Path]) -> Loaded:
 class Samples:
     ids: list[str]
     values: dict[str, dict[int, np.ndarray]]  # metric -> layer -> per-item values, in ``ids`` order
+    # what each item was, in ``ids`` order: the item_sha256 its doc records (None in runs made before it
+    # was recorded), and a hash of the doc's text and position draw, which every jtc sample has
+    item_hashes: list[str | None] = field(default_factory=list)
+    text_hashes: list[str] = field(default_factory=list)
+
+
+def doc_text_hash(doc: dict) -> str:
+    """Hash of a sample doc's text and position draw: what pairs items of runs that record no item_sha256."""
+    text = doc.get("text")
+    if not isinstance(text, str):
+        raise KeyError("doc has no item text")
+    return hashlib.sha256(json.dumps([text, doc.get("u")], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 class SampleCache:
@@ -342,6 +359,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
     if task.samples_file is None:
         raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
     ids: list[str] = []
+    item_hashes: list[str | None] = []
+    text_hashes: list[str] = []
     columns = {m: [[] for _ in range(task.num_layers)] for m in metrics}
     with task.samples_file.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -350,12 +369,17 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
             try:
                 row = json.loads(line)
                 item = row["doc"]["item_id"]
+                recorded = row["doc"].get("item_sha256")
+                text_hash = doc_text_hash(row["doc"])
                 for m in metrics:
                     for l in range(task.num_layers):
                         columns[m][l].append(float(row[f"{m}.L{l}"]))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{task.samples_file}, line {lineno}: unusable sample ({type(exc).__name__}: {exc})") from None
             ids.append(item)
+            item_hashes.append(recorded if isinstance(recorded, str) and recorded else None)
+            text_hashes.append(text_hash)
     if len(ids) != task.items:
         raise ValueError(f"{task.samples_file}: {len(ids)} samples, but the results file reports {task.items} items")
-    return Samples(ids=ids, values={m: {l: np.asarray(v) for l, v in enumerate(cols)} for m, cols in columns.items()})
+    return Samples(ids=ids, values={m: {l: np.asarray(v) for l, v in enumerate(cols)} for m, cols in columns.items()},
+                   item_hashes=item_hashes, text_hashes=text_hashes)

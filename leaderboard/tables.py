@@ -2,7 +2,8 @@
 
 Paired tests come from ``harness.stats.compare``: one family is one (model, distribution, metric,
 projector pair) over its layers, Holm-corrected at ``alpha``. Items are paired by the item id
-recorded in each sample's ``doc``; different item sets make that comparison an error, never a join.
+recorded in each sample's ``doc``; different item sets make that comparison an error, never a join,
+and so do items of the same id whose contents differ (an edited ``file:`` corpus, another corpus version).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import PurePosixPath
 from harness.metrics import HIGHER_IS_BETTER
 from harness.stats import LayerComparison, compare
 
-from .read import NATS, SampleCache, TaskRun
+from .read import NATS, SampleCache, Samples, TaskRun
 
 LN2 = math.log(2.0)
 COMPARED = ("p@1", "surprisal", "kl")  # the charted metrics; each gets its own families
@@ -164,6 +165,7 @@ class Family:
     n_resamples: int = 0
     rows: list[LayerComparison] = field(default_factory=list)
     error: str | None = None
+    notes: list[str] = field(default_factory=list)  # caveats of a comparison that was computed
     a_label: str = ""
     b_label: str = ""
     short: str = ""  # the pair's name in a chart's significance strip
@@ -216,12 +218,39 @@ def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, 
         if a.num_layers != b.num_layers:
             raise ValueError(f"{a.task} has {a.num_layers} layers and {b.task} {b.num_layers}")
         sa, sb = cache.get(a, COMPARED), cache.get(b, COMPARED)
+        contents_a, contents_b = item_contents(sa, sb)
         fam.rows = compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
-                           n_resamples=fam.n_resamples, seed=seed)
+                           n_resamples=fam.n_resamples, seed=seed, contents_a=contents_a, contents_b=contents_b)
+        fam.notes = provenance_notes(a, b)
     except ValueError as exc:
         fam.error = (f"{fam.a_label} ({a.samples_file or a.results_file}) vs {fam.b_label} "
                      f"({b.samples_file or b.results_file}): {exc}")
     return fam
+
+
+def item_contents(sa: Samples, sb: Samples) -> tuple[list, list]:
+    """Per-item content hashes of both sides: the recorded item_sha256 when both sides record it (text, position
+    draw and protocol chunking), else a hash of each doc's text and position draw (runs that predate it)."""
+    if all(sa.item_hashes) and all(sb.item_hashes):
+        return sa.item_hashes, sb.item_hashes
+    return sa.text_hashes, sb.text_hashes
+
+
+def provenance_notes(a: TaskRun, b: TaskRun) -> list[str]:
+    """Checks beyond the items' texts, from the two runs' provenance. Token ids that differ for the same texts
+    (another tokenizer, another max_length) refuse the comparison; another corpus version is noted."""
+    pa, pb = a.provenance, b.provenance
+    tokens_a, tokens_b = pa.get("items_data_sha256"), pb.get("items_data_sha256")
+    if tokens_a and tokens_b and tokens_a != tokens_b:
+        raise ValueError(f"the items' texts agree but their token ids or scored positions do not (items_data_sha256 "
+                         f"{a.label} {str(tokens_a)[:12]}…, {b.label} {str(tokens_b)[:12]}…): the runs tokenised them differently")
+    notes = []
+    corpus_a, corpus_b = pa.get("corpus_sha256"), pb.get("corpus_sha256")
+    if corpus_a and corpus_b and corpus_a != corpus_b:
+        notes.append(f"the two runs read different versions of {a.distribution} (corpus sha256 {a.label} {str(corpus_a)[:12]}…, "
+                     f"{b.label} {str(corpus_b)[:12]}…); the paired items have identical contents, but what the projectors "
+                     "were fitted on may differ")
+    return notes
 
 
 def comparisons(m: Model, distribution: str, cache: SampleCache, *, alpha: float, n_resamples: int,

@@ -93,3 +93,53 @@ def test_interrupted_write_leaves_no_entry(lens, tmp_path, monkeypatch):
     assert not any(f.endswith(".json") or f.endswith(".tmp") for f in files)  # no complete entry, no partial file
     assert get_least_squares(lens, SPEC, batch_size=8).info["cache"] == "miss"
     assert get_least_squares(lens, SPEC, batch_size=8).info["cache"] == "hit"
+
+
+def _perturb_blocks(model):
+    """A fine-tune that leaves the (tied) embeddings and the final norm as they were."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.down_proj.weight.mul_(1.5)
+
+
+def test_changed_block_weights_are_refitted_not_taken_from_the_cache():
+    model, tok = tiny.build("llama")  # tied embeddings: the unembedding does not change with the blocks
+    lens = build_lens_model(model, tok)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    base = get_least_squares(lens, SPEC, batch_size=8)
+    assert get_least_squares(lens, SPEC, batch_size=8).info["cache"] == "hit"
+    _perturb_blocks(model)
+    tuned = get_least_squares(lens, SPEC, batch_size=8)
+    assert tuned.info["cache"] == "miss"
+    key = next(iter(base.mat.solutions))
+    assert not torch.allclose(tuned.mat.solutions[key][0].float(), base.mat.solutions[key][0].float(), atol=1e-3)
+    # the cache now holds both models' entries, each found again by its own weights
+    assert get_least_squares(lens, SPEC, batch_size=8).info["cache"] == "hit"
+    model.load_state_dict(original)
+    again = get_least_squares(lens, SPEC, batch_size=8)
+    assert again.info["cache"] == "hit"
+    torch.testing.assert_close(again.mat.solutions[key][0].float(), base.mat.solutions[key][0].float())
+
+
+def test_changed_block_weights_retrain_the_tuned_lens():
+    from harness.fitting import TunedSpec, get_tuned
+    from harness.tuned_training import TunedRecipe
+
+    model, tok = tiny.build("llama")
+    lens = build_lens_model(model, tok)
+    spec = TunedSpec("wikipedia", TunedRecipe("warm", token_budget=256 + 64, chunk_len=32, tokens_per_step=64,
+                                              warm_fit_tokens=256, seed=3))
+    base, info = get_tuned(lens, spec)
+    assert info["cache"] == "miss" and get_tuned(lens, spec)[1]["cache"] == "hit"
+    _perturb_blocks(model)
+    other, info = get_tuned(lens, spec)
+    assert info["cache"] == "miss"
+    assert not torch.allclose(other.tensors()["W"], base.tensors()["W"], atol=1e-4)
+
+
+def test_unhashable_weights_bypass_the_cache(lens, caplog):
+    fingerprint = {**lens.fingerprint(), "weights_sha256": None, "weights_not_hashed": "weight x is on the meta device"}
+    first = get_least_squares(lens, SPEC, batch_size=8, fingerprint=fingerprint)
+    second = get_least_squares(lens, SPEC, batch_size=8, fingerprint=fingerprint)
+    assert first.info["cache"] == second.info["cache"] == "not used: weight x is on the meta device"
+    assert not (store.cache_root() / "projectors").exists() or not any((store.cache_root() / "projectors").iterdir())

@@ -132,7 +132,7 @@ def test_evaluation_side_does_not_depend_on_the_analysis_side():
 def test_leaderboard_takes_shared_definitions_from_the_harness():
     from harness.lmeval import task
     from harness.metrics import HIGHER_IS_BETTER
-    from harness.projectors import FITTED
+    from harness.options import FITTED
     from leaderboard import read, tables
 
     assert tables.HIGHER_IS_BETTER is HIGHER_IS_BETTER and task.HIGHER_IS_BETTER is HIGHER_IS_BETTER

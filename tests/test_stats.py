@@ -73,6 +73,25 @@ def test_pair_by_id_rejects_duplicate_ids(side):
         pair_by_id(ids_a, [1, 2, 3], ids_b, [1, 2, 3])
 
 
+def test_pair_by_id_checks_item_contents_when_given():
+    ids_a, ids_b = ["x", "y", "z"], ["z", "x", "y"]
+    same = pair_by_id(ids_a, [1, 2, 3], ids_b, [3, 1, 2], ["hx", "hy", "hz"], ["hz", "hx", "hy"])
+    assert same[0] == ids_a
+    with pytest.raises(ValueError, match=r"different contents under the same item ids: 1 of 3 item\(s\) differ, e.g. \['y'\]"):
+        pair_by_id(ids_a, [1, 2, 3], ids_b, [3, 1, 2], ["hx", "hy", "hz"], ["hz", "hx", "EDITED"])
+    with pytest.raises(ValueError, match="one side only"):
+        pair_by_id(ids_a, [1, 2, 3], ids_b, [3, 1, 2], ["hx", "hy", "hz"], None)
+
+
+def test_compare_refuses_items_whose_contents_differ():
+    ids = ["a", "b", "c", "d"]
+    x = np.arange(8.0).reshape(4, 2)
+    rows = compare(ids, x, ids, x + 1, "kl", n_resamples=200, contents_a=list("ABCD"), contents_b=list("ABCD"))
+    assert len(rows) == 2
+    with pytest.raises(ValueError, match=r"2 of 4 item\(s\) differ, e.g. \['b', 'd'\]"):
+        compare(ids, x, ids, x + 1, "kl", n_resamples=200, contents_a=list("ABCD"), contents_b=list("AXCY"))
+
+
 def test_pair_by_id_rejects_length_mismatch_and_nan():
     with pytest.raises(ValueError, match="differ in length"):
         pair_by_id(["a", "b"], [1.0], ["a", "b"], [1.0, 2.0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import code, dialogue, external, fiction, news, speeches, technical, wikipedia
+from . import code, dialogue, external, fiction, news, pins, speeches, technical, wikipedia
 from .base import SPLITS, Corpus, Document, MissingSourceError, split_documents
 
 _LOADERS = {
@@ -31,7 +31,11 @@ def get_corpus(name: str) -> Corpus:
         loader = _LOADERS[name]
     except KeyError:
         raise ValueError(f"unknown distribution {name!r}; known: {', '.join(names())}, file:PATH, hf:NAME[:CONFIG]") from None
-    return loader()
+    corpus = loader()
+    # a bundled distribution whose sources are not the pinned ones (edited, another package version) is
+    # still read, but never silently: a warning now, and corpus_pin in every result's provenance
+    corpus.notes["pin"] = pins.warn_if_unpinned(name, corpus)
+    return corpus
 
 
 __all__ = ["SPLITS", "Corpus", "Document", "MissingSourceError", "get_corpus", "names", "split_documents"]

@@ -1,29 +1,11 @@
-"""What the registered distributions hold, and whether their sources are the pinned ones.
-
-``manifest.json`` beside this file pins, per bundled distribution, the sha256 over its per-file source
-hashes (for ``code``, per Python version: the standard library changes with it). ``verify`` recomputes them.
-"""
+"""What the registered distributions hold, and whether their sources are the pinned ones (see ``pins``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..store import atomic_write_json, sha256_json
-from . import get_corpus, names
+from . import get_corpus, names, pins
 from .base import SPLITS, MissingSourceError
+from .pins import MANIFEST, sources_sha256  # noqa: F401  (MANIFEST: the file `jtc corpora pin` names)
 from .sentences import document_sentences
-
-MANIFEST = Path(__file__).with_name("manifest.json")
-
-
-def pin_key(name: str, corpus) -> str:
-    python = corpus.notes.get("python")
-    return f"{name}@python{python}" if name == "code" and python else name
-
-
-def sources_sha256(corpus) -> str:
-    return sha256_json(corpus.source_hashes)
 
 
 def describe(name: str, tokenizer=None, seed: int = 1234) -> dict:
@@ -48,41 +30,29 @@ def describe(name: str, tokenizer=None, seed: int = 1234) -> dict:
     return row
 
 
-def load_manifest() -> dict:
-    return json.loads(MANIFEST.read_text("utf-8")) if MANIFEST.is_file() else {}
-
-
 def verify(name: str) -> tuple[bool, str]:
-    """(ok, message): sources present and equal to the pinned hash."""
+    """(ok, message): sources present and equal to the pinned hash; the message names the files that differ."""
     try:
         corpus = get_corpus(name)
     except MissingSourceError as exc:
         return False, str(exc)
-    key = pin_key(name, corpus)
-    pinned = load_manifest().get(key)
-    actual = sources_sha256(corpus)
-    if pinned is None:
-        return False, f"{key}: no pinned hash (sources sha256 {actual}, {len(corpus.source_hashes)} files)"
-    if pinned != actual:
-        return False, f"{key}: sources sha256 {actual} differs from the pinned {pinned}"
-    return True, f"{key}: {len(corpus.source_hashes)} source files match the pinned sha256 {pinned[:16]}"
+    result = pins.check(name, corpus)
+    return result["status"] == "match", pins.describe(result)
 
 
 def pin(selected: list[str]) -> dict:
-    manifest = load_manifest()
-    for name in selected:
-        corpus = get_corpus(name)
-        manifest[pin_key(name, corpus)] = sources_sha256(corpus)
-    atomic_write_json(MANIFEST, manifest)
-    return manifest
+    return pins.write({name: get_corpus(name) for name in selected})
 
 
 def markdown_table(rows: list[dict]) -> str:
-    tok = "tokens" in rows[0] if rows else False
+    tok = any("tokens" in r for r in rows)
     head = "| distribution | source | license | documents | words | " + ("tokens (SmolLM2) | " if tok else "") + \
            "sentences train / val / test | source files | sha256 of sources |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        if "missing" in r:  # a distribution whose source package is not installed keeps its row
+            lines.append(f"| `{r['name']}` | not installed: {r['missing']} |" + " – |" * (head.count("|") - 3))
+            continue
         lines.append(
             f"| `{r['name']}` | {r['description']} ({r['source']}) | {r['license']} | {r['documents']:,} | {r['words']:,} | "
             + (f"{r['tokens']:,} | " if tok else "")

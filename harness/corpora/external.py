@@ -23,13 +23,25 @@ def is_external(name: str) -> bool:
     return name.startswith(PREFIXES)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); a file: distribution must be a "
+                         ".txt or .jsonl file in UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes (at character {text.index(chr(0))}): a binary file, not text")
+    return text
+
+
 def load_file(path_text: str) -> Corpus:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise MissingSourceError(f"file:{path_text}: no such file")
+    content = _read_text(path)
     docs = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text("utf-8").splitlines()):
+        for n, line in enumerate(content.splitlines()):
             if not line.strip():
                 continue
             try:
@@ -37,9 +49,12 @@ def load_file(path_text: str) -> Corpus:
                 text = record["text"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}, line {n + 1}: expected a JSON object with a 'text' field ({exc})") from None
-            docs.append(Document(doc_id=f"file:{record.get('id', n)}", text=str(text).strip()))
+            if not isinstance(text, str):
+                # str(None) would become the document "None": a null or non-text field is refused, not guessed at
+                raise ValueError(f"{path}, line {n + 1}: 'text' is {json.dumps(text)[:40]}, not a string")
+            docs.append(Document(doc_id=f"file:{record.get('id', n)}", text=text.strip()))
     else:
-        blocks = re.split(r"\n\s*\n", path.read_text("utf-8"))
+        blocks = re.split(r"\n\s*\n", content)
         docs = [Document(doc_id=f"file:{k}", text=b.strip()) for k, b in enumerate(blocks) if b.strip()]
     if not docs:
         raise ValueError(f"{path} holds no documents")

@@ -10,6 +10,8 @@ _ABBREVIATIONS = {
     "fig", "inc", "ltd", "co", "corp", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep", "rev",
     "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k", "approx",
 }
+# Sentence lengths (in words) the paper protocol uses: shorter are headings and fragments, longer run-ons.
+MIN_WORDS, MAX_WORDS = 4, 120
 # A candidate boundary: end punctuation (optionally closed by quotes/brackets), whitespace, then an
 # opening quote/bracket or an upper-case letter or digit.
 _BOUNDARY = re.compile(r"([.!?][\"'\u201d\u2019)\]]*)\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
@@ -36,7 +38,7 @@ def split_sentences(paragraph: str) -> list[str]:
     return sentences
 
 
-def document_sentences(text: str, min_words: int = 4, max_words: int = 120) -> tuple[list[str], int]:
+def document_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_WORDS) -> tuple[list[str], int]:
     """Sentences of a document, paragraph by paragraph, with the count of those left out by length.
 
     Headings and list fragments (fewer than ``min_words`` words) and run-ons (more than ``max_words``)

@@ -12,7 +12,7 @@ from ..distributed import group_of
 from ..engine import Engine, EvalRequest
 from ..fitting import FitSpec, TunedSpec
 from ..models import build_lens_model
-from ..projectors import FITTED
+from ..options import FITTED
 from ..protocols import Item, ProtocolConfig
 
 REQUEST_TYPE = "jtc_lens"
@@ -26,7 +26,8 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
 
         fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]), import_from=spec.get("import_from"))
     elif spec["projector"] in FITTED:
-        fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"])
+        fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"],
+                      ridge=spec.get("ridge", 0.0))
     return EvalRequest(
         projector=spec["projector"],
         distribution=spec["distribution"],

@@ -22,11 +22,27 @@ Entry points (pyproject.toml), for lm-eval releases with plugin discovery:
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 
-# jtc options accepted in --model_args; they reach the tasks through lm-eval's metadata merge.
-MODEL_ARG_OPTIONS = ("fit_on", "n_fit", "n_eval", "protocol", "seed", "pairs", "chunk_len", "stride", "jtc_batch_size",
-                     "recipe", "token_budget", "tuned_chunk_len", "tokens_per_step", "warm_fit_tokens", "tuned_loss", "stop_at", "tuned_lens_path")
+from ..options import NAMES as OPTION_NAMES
+from ..options import OptionError, likely_misspelled, parse_options, unknown_message
+
+# Keys the hf model was given in this process: lm-eval merges them into every task's metadata, where they
+# are the model's arguments, not unknown options.
+MODEL_ARGUMENT_KEYS: set[str] = set()
+
+
+def model_argument_names() -> set[str]:
+    """Names that may reach task metadata as model arguments: the hf model's own parameters and the keys it was given."""
+    names = set(MODEL_ARGUMENT_KEYS)
+    try:
+        from lm_eval.models.huggingface import HFLM
+
+        names |= {p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs")}
+    except Exception:  # lm-eval without its hf extra: only what was seen
+        pass
+    return names
 
 
 def tasks_dir() -> str:
@@ -79,11 +95,45 @@ def _with_our_tasks(module):
 
 
 def _without_jtc_options(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in MODEL_ARG_OPTIONS}
+    MODEL_ARGUMENT_KEYS.update(k for k in kwargs if k not in OPTION_NAMES)
+    return {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+
+
+def is_jtc_task(name) -> bool:
+    return isinstance(name, str) and (name.startswith("jtc_") or name.startswith("custom_jtc_") or name in ("jtc", "jtc-custom"))
+
+
+def check_options(metadata: dict | None) -> None:
+    """Refuse bad jtc options before any model is loaded: a value a jtc option does not allow, or a key
+    that is no option yet is close to one (a typo). Other unknown keys may still be model arguments; the
+    task refuses those that are not once the model has been built."""
+    metadata = dict(metadata or {})
+    typos = likely_misspelled(metadata, known=model_argument_names())
+    if typos:
+        raise OptionError(unknown_message(typos[0], "jtc"))
+    parse_options(metadata, ignore=set(metadata) - set(OPTION_NAMES), where="jtc")
+
+
+def _checking_matches(original):
+    """TaskManager.match_tasks, which the lm_eval command calls before it loads the model: once jtc tasks
+    are among the matches, their options are checked."""
+    if getattr(original, "_jtc_patched", False):
+        return original
+
+    @functools.wraps(original)
+    def match_tasks(self, task_list, *args, **kwargs):
+        matches = original(self, task_list, *args, **kwargs)
+        if any(is_jtc_task(m) for m in matches):
+            check_options(getattr(self, "metadata", None))
+        return matches
+
+    match_tasks._jtc_patched = True
+    return match_tasks
 
 
 def patch_task_manager(module) -> None:
     _wrap_init(module.TaskManager, _with_our_tasks(module))
+    module.TaskManager.match_tasks = _checking_matches(module.TaskManager.match_tasks)
 
 
 def _data_parallel_on_cpu(lm) -> None:

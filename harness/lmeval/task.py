@@ -1,7 +1,8 @@
 """The lm-eval task behind every ``jtc_<projector>_<distribution>`` YAML.
 
-The YAML names the projector and the distribution; everything else has defaults that task metadata
-(``--metadata '{"n_fit": 9000}'``) or model arguments (``--model_args ...,fit_on=news``) override.
+The YAML names the projector and the distribution; every other option (harness/options.py) has a default
+that task metadata (``--metadata '{"n_fit": 9000}'``) or model arguments (``--model_args ...,fit_on=news``)
+override. Options are checked when the task is built: an unknown key or a bad value stops the run.
 Documents are protocol items of the evaluation split; each becomes one ``jtc_lens`` request.
 """
 
@@ -18,33 +19,12 @@ from lm_eval.api.task import ConfigurableTask
 from ..corpora import get_corpus
 from ..engine import METRICS, PROVENANCE
 from ..metrics import HIGHER_IS_BETTER
-from ..projectors import FITTED, NAMES
-from ..protocols import ProtocolConfig, build_items
-from . import handler
+from ..options import FITTED, PROJECTORS, OptionError, parse_options
+from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
+from . import handler, registration
 
 log = logging.getLogger(__name__)
 handler.install()
-
-DEFAULTS = {
-    "split": "validation",
-    "protocol": "paper",
-    "seed": 1234,
-    "n_eval": 3000,
-    "n_fit": 9000,
-    "pairs": "last",
-    "chunk_len": 128,
-    "stride": None,
-    "jtc_batch_size": 16,
-    # tuned lens: the recipe, its token budget and stream (see harness/tuned_training.py)
-    "recipe": "warm",
-    "token_budget": 16384,
-    "tuned_chunk_len": 256,
-    "tokens_per_step": 1024,
-    "warm_fit_tokens": 8192,
-    "tuned_loss": "kl",
-    "stop_at": None,
-    "tuned_lens_path": None,  # evaluate a lens saved by the tuned-lens package instead of training one
-}
 
 
 class _MeanForEveryMetric(dict):
@@ -58,7 +38,10 @@ class JTCTask(ConfigurableTask):
     def __init__(self, config: dict | None = None, **kwargs):
         config = dict(config or {})
         config.pop("class", None)  # lm-eval's loader keeps it; TaskConfig does not know it
-        meta = {**DEFAULTS, **(config.get("metadata") or {})}
+        given = dict(config.get("metadata") or {})
+        # lm-eval merges the model's arguments into every task's metadata; those are the model's, not options
+        options = parse_options(given, ignore=registration.model_argument_names(), where=f"task {config.get('task')}")
+        meta = {**given, **options}
         if meta.get("custom"):
             # custom_jtc_<projector>: the distribution is whatever the user names
             if not meta.get("corpus"):
@@ -68,13 +51,12 @@ class JTCTask(ConfigurableTask):
         for key in ("projector", "distribution"):
             if not meta.get(key):
                 raise ValueError(f"task {config.get('task')}: metadata needs {key!r}")
-        if meta["projector"] not in NAMES:
-            raise ValueError(f"task {config.get('task')}: unknown projector {meta['projector']!r}; known: {', '.join(NAMES)}")
+        if meta["projector"] not in PROJECTORS:
+            raise ValueError(f"task {config.get('task')}: unknown projector {meta['projector']!r}; known: {', '.join(PROJECTORS)}")
         meta["fit_on"] = meta.get("fit_on") or meta["distribution"]
-        self._protocol = ProtocolConfig(
-            name=meta["protocol"], seed=int(meta["seed"]), chunk_len=int(meta["chunk_len"]),
-            stride=None if meta["stride"] in (None, "", "none") else int(meta["stride"]),
-        )
+        if meta["stride"] is not None and meta["stride"] > meta["chunk_len"]:
+            raise OptionError(f"task {config.get('task')}: option stride={meta['stride']} is larger than chunk_len={meta['chunk_len']}")
+        self._protocol = ProtocolConfig(name=meta["protocol"], seed=meta["seed"], chunk_len=meta["chunk_len"], stride=meta["stride"])
         config["metadata"] = meta
         self._meta = meta
         self._jtc_higher_is_better: dict = {}
@@ -87,11 +69,14 @@ class JTCTask(ConfigurableTask):
     def download(self, dataset_kwargs=None, **kwargs) -> None:
         meta = self._meta
         corpus = get_corpus(meta["distribution"])
-        limit = None if meta["n_eval"] in (None, "", "all") else int(meta["n_eval"])
-        items = build_items(corpus, meta["split"], self._protocol, limit=limit)
+        items = build_items(corpus, meta["split"], self._protocol, limit=meta["n_eval"])
         if not items:
-            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}")
-        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u} for it in items]
+            raise ValueError(f"{meta['distribution']}/{meta['split']} has no items under protocol {self._protocol.name}: "
+                             + no_items_reason(corpus, meta["split"], self._protocol))
+        # item_sha256 travels in the doc (lm-eval writes docs into the samples files, and would take any
+        # other returned value for a metric): paired comparisons check it
+        docs = [{"item_id": it.item_id, "text": it.text, "u": it.u, "item_sha256": item_sha256(it, self._protocol)}
+                for it in items]
         self.dataset = datasets.DatasetDict({meta["split"]: datasets.Dataset.from_list(docs)})
 
     def has_training_docs(self) -> bool:
@@ -121,16 +106,16 @@ class JTCTask(ConfigurableTask):
                          "chunk_len": self._protocol.chunk_len, "stride": self._protocol.stride},
             "item_id": doc["item_id"],
             "u": doc["u"],
-            "batch_size": int(meta["jtc_batch_size"]),
+            "batch_size": meta["jtc_batch_size"],
         }
         if meta["projector"] == "tuned":
             spec.update(fit_on=meta["fit_on"], recipe={
-                "name": meta["recipe"], "token_budget": int(meta["token_budget"]), "chunk_len": int(meta["tuned_chunk_len"]),
-                "tokens_per_step": int(meta["tokens_per_step"]), "warm_fit_tokens": int(meta["warm_fit_tokens"]),
-                "loss": meta["tuned_loss"], "stop_at": None if meta["stop_at"] in (None, "", "none") else float(meta["stop_at"]),
-                "seed": int(meta["seed"])}, import_from=meta["tuned_lens_path"] or None)
+                "name": meta["recipe"], "token_budget": meta["token_budget"], "chunk_len": meta["tuned_chunk_len"],
+                "tokens_per_step": meta["tokens_per_step"], "warm_fit_tokens": meta["warm_fit_tokens"],
+                "loss": meta["tuned_loss"], "stop_at": meta["stop_at"], "seed": meta["seed"]},
+                import_from=meta["tuned_lens_path"])
         elif meta["projector"] in FITTED:
-            spec.update(fit_on=meta["fit_on"], n_fit=int(meta["n_fit"]), pairs=meta["pairs"])
+            spec.update(fit_on=meta["fit_on"], n_fit=meta["n_fit"], pairs=meta["pairs"], ridge=meta["ridge"])
         return Instance(
             request_type=handler.REQUEST_TYPE,
             doc=doc,

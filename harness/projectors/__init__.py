@@ -4,9 +4,8 @@ from .base import Projector
 from .identity import IdentityProjector
 from .least_squares import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 
-NAMES = ("id", "mat", "affine", "tuned")
-LEAST_SQUARES = {"mat": False, "affine": True}  # name -> with intercept
-FITTED = ("mat", "affine", "tuned")
+from ..options import FITTED, LEAST_SQUARES
+from ..options import PROJECTORS as NAMES
 
 __all__ = ["FITTED", "LEAST_SQUARES", "NAMES", "GramAccumulator", "IdentityProjector", "LeastSquaresProjector", "Projector",
            "choose_pair_mode", "fit_least_squares"]

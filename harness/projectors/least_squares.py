@@ -121,6 +121,15 @@ class GramAccumulator:
             out["diag"], out["cross"] = self.diag, self.cross
         return out
 
+    def add(self, other: "GramAccumulator") -> "GramAccumulator":
+        """The statistics of both accumulators' positions together (a new accumulator)."""
+        out = GramAccumulator(self.num_states, self.d, self.pairs, self.buffer_rows)
+        mine, theirs, target = self.state_tensors(), other.state_tensors(), out.state_tensors()
+        for key, value in target.items():
+            value.copy_(mine[key] + theirs[key])
+        out.n = self.n + other.n
+        return out
+
     def reduce(self, sum_) -> None:
         """Combine the statistics of several processes: ``sum_`` all-reduces a list of tensors in place."""
         state = self.state_tensors()
@@ -143,22 +152,44 @@ def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return x / scale[:, None]
 
 
-def fit_least_squares(acc: GramAccumulator, intercept: bool) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]]:
-    """Solutions M (d, d) and b (d) with v = h_l @ M + b for every accumulated pair, in float64."""
+def _sources(acc: GramAccumulator) -> dict[int, list[int]]:
+    by_source: dict[int, list[int]] = {}
+    for l, m in acc.pairs_to_fit():
+        by_source.setdefault(l, []).append(m)
+    return by_source
+
+
+def normal_equations(acc: GramAccumulator, l: int, targets: list[int], intercept: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, R) of the least-squares problem from h_l to the stacked targets; centred when fitting an intercept."""
+    mean = acc.sums / acc.n
+    g = acc.block(l, l)
+    rhs = torch.cat([acc.block(l, m) for m in targets], dim=1)
+    if intercept:
+        g = g - acc.n * torch.outer(mean[l], mean[l])
+        rhs = rhs - acc.n * torch.outer(mean[l], torch.cat([mean[m] for m in targets]))
+    return g, rhs
+
+
+def ridge_penalty(g: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``ridge`` relative to the mean diagonal of G, so that one value means the same at every layer and scale."""
+    return g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+
+
+def fit_least_squares(acc: GramAccumulator, intercept: bool,
+                      ridge: float | dict[int, float] = 0.0) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]]:
+    """Solutions M (d, d) and b (d) with v = h_l @ M + b for every accumulated pair, in float64.
+
+    ``ridge`` (one value, or one per source layer) adds ridge * mean(diag G) * I to the Gram matrix G."""
     acc.flush()
     if acc.n == 0:
         raise ValueError("no fit positions were accumulated")
     out = {}
-    by_source: dict[int, list[int]] = {}
-    for l, m in acc.pairs_to_fit():
-        by_source.setdefault(l, []).append(m)
     mean = acc.sums / acc.n
-    for l, targets in by_source.items():
-        g = acc.block(l, l)
-        rhs = torch.cat([acc.block(l, m) for m in targets], dim=1)
-        if intercept:
-            g = g - acc.n * torch.outer(mean[l], mean[l])
-            rhs = rhs - acc.n * torch.outer(mean[l], torch.cat([mean[m] for m in targets]))
+    for l, targets in _sources(acc).items():
+        g, rhs = normal_equations(acc, l, targets, intercept)
+        lam = ridge.get(l, 0.0) if isinstance(ridge, dict) else ridge
+        if lam > 0:
+            g = ridge_penalty(g, lam)
         sol = _solve_spd(g, rhs)
         for k, m in enumerate(targets):
             M = sol[:, k * acc.d:(k + 1) * acc.d]
@@ -214,3 +245,44 @@ class LeastSquaresProjector(Projector):
         if not solutions:
             raise ValueError(f"{name}: no matrices in the stored tensors")
         return cls(name, solutions)
+
+
+RIDGE_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def held_out_error(held: GramAccumulator, l: int, targets: list[int], M: torch.Tensor, b: torch.Tensor | None) -> float:
+    """Sum over the held-out positions of ||h_l M + b - y||^2 (y the stacked targets), from their moments only."""
+    held.flush()
+    n = held.n
+    gxx = held.block(l, l)
+    gxy = torch.cat([held.block(l, m) for m in targets], dim=1)
+    yy = sum(held.block(m, m).diagonal().sum() for m in targets)
+    sse = yy - 2 * (M * gxy).sum() + (M * (gxx @ M)).sum()
+    if b is not None:
+        sx = held.sums[l]
+        sy = torch.cat([held.sums[m] for m in targets])
+        sse = sse + 2 * (b * (sx @ M)).sum() - 2 * (b * sy).sum() + n * (b * b).sum()
+    return float(sse)
+
+
+def choose_ridge(train: GramAccumulator, held: GramAccumulator, intercept: bool,
+                 grid: tuple[float, ...] = RIDGE_GRID) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """Per source layer, the ridge of ``grid`` with the least held-out squared error of a fit on ``train``;
+    and every candidate's held-out error relative to the unpenalised one's (for the record)."""
+    train.flush()
+    held.flush()
+    if train.n == 0 or held.n == 0:
+        raise ValueError("ridge=auto needs fit positions both to fit and to hold out")
+    chosen, errors = {}, {}
+    mean = train.sums / train.n
+    for l, targets in _sources(train).items():
+        g, rhs = normal_equations(train, l, targets, intercept)
+        errs = []
+        for lam in grid:
+            M = _solve_spd(ridge_penalty(g, lam) if lam > 0 else g, rhs)
+            b = (torch.cat([mean[m] for m in targets]) - mean[l] @ M) if intercept else None
+            errs.append(held_out_error(held, l, targets, M, b))
+        best = min(range(len(grid)), key=lambda k: errs[k])
+        chosen[l] = grid[best]
+        errors[l] = [e / errs[0] if errs[0] > 0 else float("nan") for e in errs]
+    return chosen, errors
