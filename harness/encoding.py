@@ -6,11 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocols import Item, ProtocolConfig, scored_positions
+from .protocols import NO_TARGET, Item, ProtocolConfig, scored_positions
 
 
 class ItemError(ValueError):
     """An item cannot be scored (too short, or a protocol the model kind does not support)."""
+
+
+class TooShort(ItemError):
+    """An item with no position to score (fewer than two tokens, or no text token to mask): it is skipped,
+    counted and listed in the provenance, while the rest of its set is scored."""
 
 
 @dataclass
@@ -18,7 +23,7 @@ class Encoded:
     item_id: str
     input_ids: list[int]
     positions: list[int]  # scored positions in input_ids
-    targets: list[int]  # the true token at each scored position's prediction (next token, or the masked one)
+    targets: list[int]  # the true token at each scored position's prediction (next token, or the masked one); NO_TARGET: none
     bos_added: bool
 
     @property
@@ -36,7 +41,7 @@ def encode(item: Item, tokenizer, protocol: ProtocolConfig, masked: bool, max_le
         special = set(tokenizer.all_special_ids)
         candidates = [i for i, t in enumerate(ids) if t not in special]
         if not candidates:
-            raise ItemError(f"item {item.item_id} has no text token to mask")
+            raise TooShort(f"item {item.item_id} has no text token to mask")
         pos = candidates[min(int(item.u * len(candidates)), len(candidates) - 1)]
         target = ids[pos]
         ids[pos] = tokenizer.mask_token_id
@@ -45,8 +50,9 @@ def encode(item: Item, tokenizer, protocol: ProtocolConfig, masked: bool, max_le
         ids = ids[:max_length]
     positions = scored_positions(len(ids), protocol, item.u)
     if not positions:
-        raise ItemError(f"item {item.item_id} has {len(ids)} token(s): no position has a next token to score")
-    targets = [ids[p + 1] for p in positions]
+        needs = "" if protocol.position_draw == "all" else " that has a next token"
+        raise TooShort(f"item {item.item_id} has {len(ids)} token(s): no position{needs} to score")
+    targets = [ids[p + 1] if p + 1 < len(ids) else NO_TARGET for p in positions]
     # Causal models see nothing after the scored positions: the input is cut after the last one.
     return Encoded(item.item_id, ids[: positions[-1] + 1], positions, targets, bos_added)
 
@@ -60,6 +66,18 @@ class Batch:
     cols: torch.Tensor  # token index of each scored position
     owner: torch.Tensor  # index within ``encoded`` of each scored position
     targets: torch.Tensor
+
+
+def encode_all(items: list[Item], tokenizer, protocol: ProtocolConfig, masked: bool,
+               max_length: int | None = None) -> tuple[list[Encoded], dict[str, str]]:
+    """Every item that can be scored, and the reason each of the others cannot (by item id)."""
+    encoded, skipped = [], {}
+    for it in items:
+        try:
+            encoded.append(encode(it, tokenizer, protocol, masked, max_length))
+        except TooShort as exc:
+            skipped[it.item_id] = str(exc)
+    return encoded, skipped
 
 
 def batches(encoded: list[Encoded], batch_size: int, pad_id: int, max_tokens: int = 8192):

@@ -15,19 +15,21 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import nonfinite
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
-from .encoding import batches, encode
+from .encoding import ItemError, batches, encode_all
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
-from .metrics import LENS_METRICS, final_stats, lens_metrics_from, r2_per_item
+from .metrics import LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
-from .protocols import Item, ProtocolConfig
+from .protocols import NO_TARGET, Item, ProtocolConfig
 from .provenance import model_record, peak_memory, utc_now, versions
 from .store import sha256_json
 
 log = logging.getLogger(__name__)
-METRICS = LENS_METRICS + ("r2",)
+METRICS = LENS_METRICS + R2_METRICS
+R2_PER_ITEM = {"r2": r2_per_item, "r2w": r2w_per_item}
 # Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
 LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
@@ -70,8 +72,10 @@ class Engine:
     gets its own share of the requests; projectors are fitted on all fit data together, and everything
     an item's metrics depend on beyond the item itself (the target variance of r^2) is summed over the group."""
 
-    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None, group: Group = SINGLE):
+    def __init__(self, lens: LensModel, batch_size: int = 16, max_length: int | None = None, group: Group = SINGLE,
+                 on_nonfinite: str = "error"):
         self.lens = lens
+        self.on_nonfinite = nonfinite.check_mode(on_nonfinite)
         self.batch_size = batch_size
         self.max_length = max_length
         self.group = group
@@ -125,7 +129,8 @@ class Engine:
                 out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group)
                 continue
             if fit not in fit_info:
-                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
+                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group,
+                                           on_nonfinite=self.on_nonfinite)
                 fit_info[fit] = fitted.info
                 out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
         return out, fit_info
@@ -143,81 +148,188 @@ class Engine:
         """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol)."""
         distribution, split, protocol = group
         lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
-        encoded = [encode(it, lens.tokenizer, protocol, lens.masked, self.max_length) for it in items]
+        encoded, too_short = encode_all(items, lens.tokenizer, protocol, lens.masked, self.max_length)
         index = {e.item_id: k for k, e in enumerate(encoded)}
         N = len(encoded)
         values = {key: {m: torch.zeros(N, L, dtype=torch.float64) for m in LENS_METRICS} for key in projectors}
         sq_err = {key: torch.zeros(N, L, d, dtype=torch.float32) for key in projectors}
         n_pos = torch.zeros(N, dtype=torch.float64)
+        n_next = torch.zeros(N, dtype=torch.float64)  # scored positions with a next token: those cross-entropy averages
         # per-item sums of the target and its square: the variance of any subset of items follows
         t_sum = torch.zeros(N, d, dtype=torch.float64)
         t_sq = torch.zeros(N, d, dtype=torch.float64)
+        bad_model: dict[str, dict] = {}  # items with non-finite hidden states or final logits
+        bad_projector: dict[str, dict] = {}  # items a projector turned non-finite (a projector fault: never dropped)
         pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
         sources = list(range(L))
         with torch.no_grad(), tqdm(total=N, desc=f"jtc {distribution}/{split} ({len(projectors)} projectors)", unit="item") as bar:
             for batch in batches(encoded, self.batch_size, pad):
+                bar.update(len(batch.encoded))
                 owner = torch.tensor([index[batch.encoded[o].item_id] for o in batch.owner.tolist()])
                 states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
+                final_logits = lens.readout(states[L]).float()
+                targets = batch.targets.to(final_logits.device)
+                mask, first = nonfinite.bad_positions(states, final_logits)
+                if mask.any():
+                    # the item leaves before anything is pooled over items (r^2's target variance)
+                    found = nonfinite.per_item([e.item_id for e in encoded], owner, mask, first)
+                    bad_model.update(found)
+                    keep = torch.tensor([encoded[o].item_id not in found for o in owner.tolist()])
+                    owner, targets = owner[keep], targets[keep.to(targets.device)]
+                    states, final_logits = states[:, keep.to(states.device)], final_logits[keep.to(final_logits.device)]
+                if not len(owner) or (bad_model and self.on_nonfinite == "error"):
+                    continue  # the run will stop: only the list of bad items is still wanted
                 target = states[L]
                 t64 = target.double().cpu()
                 t_sum.index_add_(0, owner, t64)
                 t_sq.index_add_(0, owner, t64 * t64)
                 n_pos.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
-                final_logits = lens.readout(target).float()
-                targets = batch.targets.to(final_logits.device)
+                has_next = targets >= 0
+                n_next.index_add_(0, owner, has_next.double().cpu())
                 for key, projector in projectors.items():
                     projected = projector.project(states, sources, L)
-                    for m, v in self._score(final_logits, projected, targets).items():
+                    scores = self._score(final_logits, projected, targets)
+                    scores["xent"] = torch.where(has_next[None], scores["xent"], 0.0)  # undefined there, not 0: see n_next
+                    self._note_nonfinite(key, projected, scores, owner, encoded, bad_projector)
+                    for m, v in scores.items():
                         values[key][m].index_add_(0, owner, v.T.double().cpu())
                     diff = (projected - target[None]).float()
                     sq_err[key].index_add_(0, owner, (diff * diff).permute(1, 0, 2).cpu())
-                bar.update(len(batch.encoded))
         # The evaluation set is the union of every process's items; an item that reached several processes
-        # counts once, for the first of them.
-        everyone = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added) for e in encoded])
+        # counts once, for the first of them. Every process learns of every problem before any of them stops.
+        gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added,
+                                        NO_TARGET in e.targets) for e in encoded],
+                                      too_short, bad_model, bad_projector))
+        where = f"{distribution}/{split}"
+        too_short_all = {k: v for g in gathered for k, v in g[1].items()}
+        dropped = self._bad_items_agreed([g[2] for g in gathered], [g[3] for g in gathered], where)
+        everyone = [[rec for rec in g[0] if rec[0] not in dropped] for g in gathered]
         owner: dict[str, int] = {}
         for rank, records in enumerate(everyone):
             for rec in records:
                 owner.setdefault(rec[0], rank)
         union = sorted({rec[0]: rec for records in everyone for rec in records}.values())
-        mine = torch.tensor([owner[e.item_id] == self.group.rank for e in encoded], dtype=torch.bool)
+        if not union:
+            raise ItemError(f"no item of {where} can be scored: {len(too_short_all)} too short "
+                            f"(e.g. {next(iter(too_short_all.values()), 'none')}), {len(dropped)} with non-finite values")
+        if too_short_all:
+            log.warning("jtc: %d item(s) of %s are too short to score; they are skipped and listed in the provenance",
+                        len(too_short_all), where)
+        mine = torch.tensor([owner.get(e.item_id) == self.group.rank for e in encoded], dtype=torch.bool)
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
-        keep = mine & ~pos0
+        scored = torch.tensor([e.item_id not in dropped for e in encoded], dtype=torch.bool)
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
-        var_no0 = self._set_variance(t_sum, t_sq, n_pos, keep)
-        # r^2 without the items at position 0: per projector, the sum over owned items and their count
-        no0_sums = torch.zeros(len(projectors), L + 1, dtype=torch.float64)
-        r2_all = {}
-        for j, key in enumerate(projectors):
-            r2_all[key] = r2_per_item(sq_err[key], n_pos, var)
-            if keep.any():
-                no0_sums[j, :L] = r2_per_item(sq_err[key][keep], n_pos[keep], var_no0).sum(0)
-                no0_sums[j, L] = keep.sum()
-        self.group.sum_([no0_sums])
+        # dropped items have no position, and items drawn at their last token no cross-entropy: those values are
+        # not reported (lm-eval then leaves them out of the means), never reported as 0
+        divisor = {m: (n_next if m == "xent" else n_pos).clamp_min(1)[:, None] for m in LENS_METRICS}
+        present = {"xent": n_next > 0}
+        item_values = {key: {**{m: values[key][m] / divisor[m] for m in LENS_METRICS},
+                             **{m: f(sq_err[key], n_pos.clamp_min(1), var) for m, f in R2_PER_ITEM.items()}}
+                       for key in projectors}
         n_pos0 = sum(1 for rec in union if rec[3])
+        without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values, present)
         prov = self._group_provenance(group, union, n_pos0)
+        prov["items_skipped"] = {"too_short": sorted(too_short_all), "nonfinite": sorted(dropped)}
+        prov["on_nonfinite"] = self.on_nonfinite
         prov["items_per_process"] = [len(records) for records in everyone]
+        if protocol.name == "paper" and not lens.masked:
+            prov["position_draw"] = protocol.position_draw
+            if protocol.position_draw == "all":  # drawn at their last token: no next token, no cross-entropy
+                prov["items_without_next_token"] = sorted(rec[0] for rec in union if rec[5])
+        if n_pos0 < len(union):  # (under the dense protocol every item is)
+            prov["items_at_position_0_ids"] = sorted(rec[0] for rec in union if rec[3])
         out = {}
-        for j, key in enumerate(projectors):
-            r2 = r2_all[key]
+        for key in projectors:
             per_item = {}
             for k, e in enumerate(encoded):
+                if not scored[k]:
+                    per_item[e.item_id] = {"skipped": "non-finite values from "
+                                           + nonfinite.layer_name(dropped[e.item_id]["layer"], L)}
+                    continue
                 row = {}
-                for m in LENS_METRICS:
-                    layer_vals = (values[key][m][k] / n_pos[k]).tolist()
+                for m, v in item_values[key].items():
+                    if m in present and not present[m][k]:
+                        continue
+                    layer_vals = v[k].tolist()
                     row.update({f"{m}.L{l}": layer_vals[l] for l in range(L)})
-                    row[m] = sum(layer_vals) / L
-                r2_vals = r2[k].tolist()
-                row.update({f"r2.L{l}": r2_vals[l] for l in range(L)})
-                row["r2"] = sum(r2_vals) / L
+                    if m in LENS_METRICS:  # r^2 has no layer mean (see R2_METRICS)
+                        row[m] = sum(layer_vals) / L
                 row.update({"position": e.positions[0], "n_positions": len(e.positions), "n_tokens": len(e.input_ids)})
                 per_item[e.item_id] = row
+            for item_id, reason in too_short.items():
+                per_item[item_id] = {"skipped": reason}  # no metric values: lm-eval leaves it out of every mean
             key_prov = dict(prov)
             if 0 < n_pos0 < len(union):
-                mean_no0 = no0_sums[j, :L] / no0_sums[j, L]
-                key_prov["r2_by_layer_without_position_0"] = [round(x, 6) for x in mean_no0.tolist()]
+                key_prov["without_position_0"] = without_pos0[key]
             out[key] = (per_item, key_prov)
+        self._check_same_metrics(items, out, where)
         return out
+
+    def _check_same_metrics(self, items: list, out: dict, where: str) -> None:
+        """Every process that scored items of a set must report the same metrics: lm-eval 0.4.13 merges the
+        processes' values metric by metric as named on the first process, so a metric some process lacks would
+        fail the merge there (KeyError) or vanish from the results."""
+        mine = {k.split(".")[0] for per_item, _ in out.values() for row in per_item.values() for k in row
+                if k.split(".")[0] in METRICS}
+        theirs = self.group.gather((bool(items), sorted(mine)))
+        keysets = {tuple(keys) for has_items, keys in theirs if has_items}
+        if len(keysets) > 1:
+            detail = "; ".join(f"process {r}: {', '.join(keys) or 'none'}" for r, (has, keys) in enumerate(theirs) if has)
+            raise ItemError(f"{where}: the processes have values of different metrics ({detail}), which lm-eval cannot "
+                            "combine; some process has no scorable item (or no item with a next token). Run with fewer processes")
+
+    def _means_without_position_0(self, rows: torch.Tensor, t_sum, t_sq, n_pos, sq_err, item_values, present) -> dict:
+        """Per projector, every metric's per-layer mean over the items not scored at position 0 (``rows``: this
+        process's share of them) that have a value of it, summed over processes. r^2 is taken against the
+        variance of those items."""
+        var = self._set_variance(t_sum, t_sq, n_pos, rows)
+        keys = list(item_values)
+        metrics = list(item_values[keys[0]]) if keys else []
+        sums = torch.zeros(len(keys), len(metrics), self.lens.num_layers, dtype=torch.float64)
+        counts = torch.zeros(len(metrics), dtype=torch.float64)
+        for i, m in enumerate(metrics):
+            chosen = rows & present[m] if m in present else rows
+            counts[i] = chosen.sum()
+            for j, key in enumerate(keys):
+                if m in R2_PER_ITEM:
+                    sums[j, i] = R2_PER_ITEM[m](sq_err[key][chosen], n_pos[chosen], var).sum(0) if chosen.any() else 0.0
+                else:
+                    sums[j, i] = item_values[key][m][chosen].sum(0)
+        self.group.sum_([sums, counts])
+        n = int(counts[metrics.index("p@1")].item()) if metrics else 0
+        out = {}
+        for j, key in enumerate(keys):
+            means = {m: [round(x, 6) for x in (sums[j, i] / counts[i]).tolist()] for i, m in enumerate(metrics) if counts[i] > 0}
+            extra = {f"items_{m}": int(counts[i]) for i, m in enumerate(metrics) if int(counts[i]) != n}
+            out[key] = {"items": n, **extra, "means": means}
+        return out
+
+    def _note_nonfinite(self, key: tuple, projected: torch.Tensor, scores: dict, owner: torch.Tensor,
+                        encoded: list, bad: dict) -> None:
+        """Record items whose projected states or metrics a projector made non-finite (from finite hidden states)."""
+        flags = ~torch.isfinite(projected).all(dim=-1)  # (S, P)
+        for v in scores.values():
+            flags |= ~torch.isfinite(v).to(flags.device)
+        if flags.any():
+            for o, layer in zip(owner[flags.any(0).cpu()].tolist(), flags.int().argmax(0)[flags.any(0)].tolist()):
+                bad.setdefault(encoded[o].item_id, {"projector": key[0], "layer": layer})
+
+    def _bad_items_agreed(self, bad_model: list[dict], bad_projector: list[dict], where: str) -> dict[str, dict]:
+        """Items to drop, the same on every process; or the error that stops the run, raised on every process."""
+        projector = {k: v for theirs in bad_projector for k, v in theirs.items()}
+        if projector:
+            some = sorted(projector.items())[:5]
+            raise nonfinite.NonFiniteError(
+                f"projector output is non-finite on {len(projector)} item(s) of {where} whose hidden states are finite: "
+                + "; ".join(f"{k} ({v['projector']}, layer {v['layer']})" for k, v in some)
+                + ". The projector, not the model, is at fault (a fit on non-finite or degenerate data?)")
+        model = {k: v for theirs in bad_model for k, v in theirs.items()}
+        if model and self.on_nonfinite == "error":
+            raise nonfinite.NonFiniteError(nonfinite.message(self.lens.name, where, model, self.lens.num_layers))
+        if model:
+            log.warning("jtc: %d item(s) of %s have non-finite hidden states or logits; dropped and listed in the provenance",
+                        len(model), where)
+        return model
 
     def _set_variance(self, t_sum, t_sq, n_pos, rows: torch.Tensor) -> torch.Tensor:
         """Variance per target coordinate over all positions of the selected items of every process."""

@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
+from . import nonfinite
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
-from .encoding import batches, encode
+from .encoding import ItemError, batches, encode_all
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, choose_pair_mode, fit_least_squares
 from .projectors.least_squares import RIDGE_GRID, choose_ridge
@@ -67,14 +69,22 @@ class FittedLeastSquares:
 
 
 def fit_inputs(lens: LensModel, spec: FitSpec, max_length: int | None = None):
+    """The fit items that can be scored, the ids of those too short to be (skipped, listed in the fit info), and
+    the hash of the data used."""
     corpus = get_corpus(spec.fit_on)
     items = build_items(corpus, "train", spec.protocol, limit=spec.n_fit)
     if not items:
         raise ValueError(f"cannot fit on {spec.fit_on}: its train split has no items: "
                          + no_items_reason(corpus, "train", spec.protocol))
-    encoded = [encode(it, lens.tokenizer, spec.protocol, lens.masked, max_length) for it in items]
+    encoded, skipped = encode_all(items, lens.tokenizer, spec.protocol, lens.masked, max_length)
+    if not encoded:
+        raise ItemError(f"none of the {len(items)} fit item(s) of {spec.fit_on}/train can be scored "
+                        f"({next(iter(skipped.values()), 'no items')})")
+    if skipped:
+        log.warning("%d of %d fit item(s) of %s/train are too short to score and are skipped (listed in the fit info)",
+                    len(skipped), len(items), spec.fit_on)
     data_hash = sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
-    return corpus, encoded, data_hash
+    return corpus, encoded, sorted(skipped), data_hash
 
 
 def fit_warnings(positions: int, d: int) -> list[str]:
@@ -84,28 +94,49 @@ def fit_warnings(positions: int, d: int) -> list[str]:
     return []
 
 
-def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE) -> GramAccumulator:
-    """Gram statistics over ``encoded``: each process of ``group`` reads its share, then the sums are combined."""
+def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str, group: Group = SINGLE,
+               on_nonfinite: str = "error", where: str = "the fit data") -> tuple[GramAccumulator, dict[str, dict]]:
+    """Gram statistics over ``encoded``: each process of ``group`` reads its share, then the sums are combined.
+
+    Items with non-finite hidden states never reach the sums; they are returned (id: first bad state and count,
+    over every process), and under ``on_nonfinite="error"`` stop the fit with a message naming them.
+    """
     acc = GramAccumulator(lens.num_layers + 1, lens.d_model, pairs)
     pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
     share = group.shard(encoded)
+    bad: dict[str, dict] = {}
     if group.distributed:
         desc += f" [process {group.rank + 1}/{group.world_size}]"
     with tqdm(total=len(share), desc=desc, unit="item") as bar:
         for batch in batches(share, batch_size, pad):
-            acc.update(lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols))
+            states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+            mask, first = nonfinite.bad_positions(states)
+            if mask.any():
+                found = nonfinite.per_item([e.item_id for e in batch.encoded], batch.owner, mask, first)
+                bad.update(found)
+                keep = torch.tensor([batch.encoded[o].item_id not in found for o in batch.owner.tolist()])
+                states = states[:, keep.to(states.device)]
+            if not (bad and on_nonfinite == "error"):  # once the fit is bound to stop, only the list of bad items is wanted
+                acc.update(states)
             bar.update(len(batch.encoded))
+    # every process learns of every bad item before any of them stops, so none waits in a collective
+    bad = {k: v for theirs in group.gather(bad) for k, v in theirs.items()}
+    if bad and on_nonfinite == "error":
+        raise nonfinite.NonFiniteError(nonfinite.message(lens.name, where, bad, lens.num_layers))
+    if encoded and len(bad) == len(encoded):
+        raise nonfinite.NonFiniteError(f"model {lens.name}: every item of {where} has non-finite hidden states; nothing to fit on")
     acc.flush()
     acc.reduce(group.sum_)
-    return acc
+    return acc, bad
 
 
 def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: int | None = None,
-                      fingerprint: dict | None = None, group: Group = SINGLE) -> FittedLeastSquares:
+                      fingerprint: dict | None = None, group: Group = SINGLE, on_nonfinite: str = "error") -> FittedLeastSquares:
     """mat and affine for ``lens`` fitted on ``spec``: from the cache when a valid entry exists, else fitted now
-    (by all processes of ``group`` together; the main one writes the cache entry)."""
+    (by all processes of ``group`` together; the main one writes the cache entry). Fit items with non-finite
+    hidden states stop the fit, or under ``on_nonfinite="drop"`` are left out and listed in the fit info."""
     fingerprint = fingerprint or lens.fingerprint()
-    corpus, encoded, data_hash = fit_inputs(lens, spec, max_length)
+    corpus, encoded, too_short, data_hash = fit_inputs(lens, spec, max_length)
     pairs = choose_pair_mode(spec.pairs, lens.num_layers + 1, lens.d_model)
     key = {
         "model": model_key(fingerprint),
@@ -116,6 +147,8 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "pairs": pairs,
         "ridge": spec.ridge,
     }
+    if nonfinite.check_mode(on_nonfinite) == "drop":
+        key["on_nonfinite"] = "drop"  # a fit that may have dropped items never stands in for one that may not
     cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
         tensors, meta = cached
@@ -127,13 +160,14 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         )
     start = time.perf_counter()
     desc = f"fit mat/affine on {spec.fit_on}/train"
+    checked = {"group": group, "on_nonfinite": on_nonfinite, "where": f"{spec.fit_on}/train (fit data)"}
     ridge_info: dict = {"ridge": spec.ridge}
     if spec.ridge == "auto":
         held_items = encoded[::HELD_OUT_EVERY]
         train_items = [e for k, e in enumerate(encoded) if k % HELD_OUT_EVERY]
-        train = accumulate(lens, train_items, pairs, batch_size, desc=desc + " (fit part)", group=group)
-        held = accumulate(lens, held_items, pairs, batch_size, desc=desc + " (held-out part)", group=group)
-        acc = train.add(held)
+        train, bad = accumulate(lens, train_items, pairs, batch_size, desc=desc + " (fit part)", **checked)
+        held, bad_held = accumulate(lens, held_items, pairs, batch_size, desc=desc + " (held-out part)", **checked)
+        acc, bad = train.add(held), {**bad, **bad_held}
         ridges, rel_err = {}, {}
         for name, intercept in (("mat", False), ("affine", True)):
             ridges[name], errors = choose_ridge(train, held, intercept)
@@ -142,8 +176,10 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
                       "ridge_chosen": {name: {str(l): lam for l, lam in r.items()} for name, r in ridges.items()},
                       "held_out_error_relative_to_ridge_0": rel_err}
     else:
-        acc = accumulate(lens, encoded, pairs, batch_size, desc=desc, group=group)
+        acc, bad = accumulate(lens, encoded, pairs, batch_size, desc=desc, **checked)
         ridges = {"mat": float(spec.ridge), "affine": float(spec.ridge)}
+    if bad:
+        log.warning("%d fit item(s) with non-finite hidden states dropped (listed in the fit info)", len(bad))
     warnings_ = fit_warnings(acc.n, lens.d_model)
     for message in warnings_:
         log.warning("fitting on %s: %s", spec.fit_on, message)
@@ -154,7 +190,8 @@ def get_least_squares(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_
         "fit_corpus_sha256": corpus.source_hash,
         "fit_corpus_pin": corpus.notes.get("pin"),
         "fit_split": "train",
-        "fit_items": len(encoded),
+        "fit_items": len(encoded) - len(bad),
+        "fit_items_skipped": {"too_short": too_short, "nonfinite": sorted(bad)},
         "fit_positions": acc.n,
         "fit_data_sha256": data_hash,
         "pairs": pairs,

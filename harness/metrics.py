@@ -14,10 +14,14 @@ import torch
 
 TOPK = (1, 5, 10)
 LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
+# r^2 against the last layer's state: the paper's coordinate-averaged one and the variance-weighted one. Neither
+# is averaged over layers per item: the coordinate-averaged r^2 of one layer can be -3,933 while the others lie
+# in [0, 1], so a layer mean says nothing about the other layers.
+R2_METRICS = ("r2", "r2w")
 NATS_PER_BIT = math.log(2.0)
 # Direction of every per-layer metric (None: neither); lm-eval reports it, the leaderboard says which projector is better by it.
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True}
+                    "entropy": None, "r2": True, "r2w": True}
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,30 @@ class FinalStats:
     neg_entropy: torch.Tensor  # (P,): sum_v p log p
 
 
-def final_stats(final_logits: torch.Tensor) -> FinalStats:
-    log_probs = torch.log_softmax(final_logits.float(), dim=-1)
+def final_stats(final_logits: torch.Tensor, chunk: int = 1 << 22) -> FinalStats:
+    """The final prediction's log-probabilities, in float64 (``chunk`` elements at a time), kept in float32.
+
+    Not log_softmax: PyTorch's CPU softmax kernels approximate exp, and over a 50k-260k vocabulary their
+    probabilities sum to 1 + 6e-6 .. 4e-5, which biased KL low by 1e-4 .. 8e-4 nats. This is per
+    position, not per layer, so float64 costs nothing measurable.
+    """
+    z = final_logits.float()
+    P, V = z.shape
+    log_probs = torch.empty_like(z)
+    neg_entropy = torch.empty(P, dtype=torch.float64, device=z.device)
+    rows = max(1, chunk // max(V, 1))
+    for r0 in range(0, P, rows):
+        z64 = z[r0:r0 + rows].double()
+        lp = z64 - torch.logsumexp(z64, dim=-1, keepdim=True)
+        neg_entropy[r0:r0 + rows] = torch.linalg.vecdot(lp.exp(), lp)
+        log_probs[r0:r0 + rows] = lp
     probs = log_probs.exp()
-    return FinalStats(log_probs, probs, log_probs.topk(max(TOPK), dim=-1).indices, torch.linalg.vecdot(probs, log_probs))
+    return FinalStats(log_probs, probs, log_probs.topk(max(TOPK), dim=-1).indices, neg_entropy)
 
 
 def lens_metrics(final_logits: torch.Tensor, lens_logits: torch.Tensor, next_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P)."""
+    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P).
+    Cross-entropy is NaN at positions whose next token is negative (none)."""
     return lens_metrics_from(final_stats(final_logits), lens_logits, next_tokens)
 
 
@@ -46,23 +66,29 @@ def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens:
     """``lens_metrics`` with the final prediction's part done beforehand.
 
     Beyond the unembedding product, the passes over the (S, P, V) lens logits z are the cost of
-    scoring, so they are kept to three, each a fused row-wise kernel: max (top-1), softmax q, and
-    the dot product sum q z. With lse = max z - log q[top-1] (exact for a peaked q, unlike a sum),
-      H(q) = lse - sum q z,   KL(p || q) = sum p log p - sum p z + lse,   xent = lse - z[next].
+    scoring, so they are kept few, each a fused row-wise kernel: max (top-1), softmax q, its sum s and
+    the dot product sum q z. PyTorch's softmax kernel approximates exp: its q sums to s = 1 + O(1e-5) on
+    large vocabularies, nearly a uniform scale, so q / s is the distribution (the bias left is below 1e-8
+    nats). With lse = max z - log(q[top-1] / s) (exact for a peaked q, unlike log sum exp),
+      H(q) = lse - sum q z / s,   KL(p || q) = sum p log p - sum p z + lse,   xent = lse - z[next].
     ``expected_logit``, sum_v p_v z_v (S, P), may come from a cheaper route (see Engine._score).
     """
     z = lens_logits.float()
     zmax, top1 = z.max(dim=-1)  # (S, P)
     q = torch.softmax(z, dim=-1)
-    lse = zmax - q.gather(-1, top1[..., None])[..., 0].log()
+    total = q.sum(dim=-1)
+    lse = zmax - q.gather(-1, top1[..., None])[..., 0].log() + total.log()
     hits = top1[..., None] == final.top[None]  # (S, P, k)
     out = {f"p@{k}": hits[..., :k].any(dim=-1).float() for k in TOPK}
     out["surprisal"] = -final.log_probs.gather(-1, top1.T).T
     if expected_logit is None:
         expected_logit = torch.linalg.vecdot(z, final.probs[None])
-    out["kl"] = final.neg_entropy[None] - expected_logit + lse
-    out["xent"] = lse - z.gather(-1, next_tokens[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
-    out["entropy"] = lse - torch.linalg.vecdot(q, z)
+    out["kl"] = (final.neg_entropy[None] - expected_logit.double() + lse.double()).float()
+    # a position without a next token (a negative id: the paper's draw over every token) has no cross-entropy: NaN
+    has_next = next_tokens >= 0
+    true_logit = z.gather(-1, next_tokens.clamp_min(0)[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
+    out["xent"] = torch.where(has_next[None], lse - true_logit, torch.full_like(lse, float("nan")))
+    out["entropy"] = lse - torch.linalg.vecdot(q, z) / total
     return out
 
 
@@ -84,9 +110,23 @@ def r2_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: tor
     return 1.0 - (mse / var).mean(dim=-1)
 
 
-def r2_pooled(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Reference r^2 over positions for each source layer: (S,). ``projected`` (S, P, d), ``target`` (P, d)."""
+def r2w_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
+    """Per-item variance-weighted r^2, (N, S), whose mean over items of equal size is 1 - sum_j SSE_j / sum_j SST_j.
+
+    Unlike ``r2_per_item`` no coordinate is divided by its own variance, so a coordinate of nearly constant
+    target (variance ~ 0) cannot send the value to minus thousands; each counts by its share of the variance.
+    """
+    total_var = target_var.double().sum().clamp_min(1e-12)
+    mse = sq_err.double().sum(dim=-1) / n_positions.double()[:, None]
+    return 1.0 - mse / total_var
+
+
+def r2_pooled(projected: torch.Tensor, target: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+    """Reference r^2 over positions for each source layer: (S,). ``projected`` (S, P, d), ``target`` (P, d).
+    ``weighted``: 1 - sum_j SSE_j / sum_j SST_j instead of the mean over coordinates of 1 - SSE_j / SST_j."""
     t = target.double()
     sst = ((t - t.mean(0)) ** 2).sum(0).clamp_min(1e-12)
     sse = ((projected.double() - t[None]) ** 2).sum(1)
+    if weighted:
+        return 1.0 - sse.sum(-1) / sst.sum()
     return 1.0 - (sse / sst).mean(-1)

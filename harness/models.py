@@ -45,6 +45,11 @@ class LensModel:
     checks: dict = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        """The model's recorded name (hub id or folder), for messages."""
+        return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
@@ -277,6 +282,15 @@ def verify_lens_model(lens: LensModel, text: str = "The quick brown fox jumps ov
     out = lens.model(input_ids=ids.to(lens.device), attention_mask=mask.to(lens.device), output_hidden_states=True)
     hidden = [h[0].float() for h in (out.hidden_states or ())]
     logits = out.logits[0].float()
+    own = [(f"hidden state {i}", h) for i, h in enumerate(hidden)] + [("logits", logits)]
+    broken = [name for name, t in own if not torch.isfinite(t).all()]
+    if broken:
+        # nothing to do with the module mapping: comparing against inf/NaN would blame it wrongly
+        raise AdapterError(
+            f"{type(lens.model).__name__} ({lens.name}): the model's own forward pass produces non-finite values "
+            f"(inf/NaN) on the check sentence, in {', '.join(broken[:4])}{' and more' if len(broken) > 4 else ''}; "
+            "its weights or dtype cannot run this text (overflow in a low-precision dtype is a common cause)"
+        )
 
     def close(a, b):
         scale = b.abs().max().clamp_min(1e-6)

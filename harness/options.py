@@ -18,8 +18,9 @@ FITTED = ("mat", "affine", "tuned")  # projectors that learn from data
 LEAST_SQUARES = {"mat": False, "affine": True}  # name -> fitted with an intercept
 PROTOCOLS = ("paper", "dense")
 RECIPES = ("tuned-lens", "warm")
-# Keys a task sets for itself (task YAMLs and the task class), not options a user passes.
-TASK_KEYS = ("projector", "distribution", "custom", "version", "provenance")
+# Keys a task sets for itself (task YAMLs and the task class) or lm-eval adds to every task's metadata
+# (config_source: the YAML it was read from), not options a user passes.
+TASK_KEYS = ("projector", "distribution", "custom", "version", "provenance", "config_source")
 
 
 class OptionError(ValueError):

@@ -2,7 +2,9 @@
 
 An item is text plus what the engine needs to place the scored positions once it has tokenized it:
 - paper: one sentence; ``u`` in [0, 1) picks one position uniformly (position = floor(u * candidates)),
-  the input is cut after it and its next token is the target (Jump to Conclusions).
+  the input is cut after it and its next token is the target (Jump to Conclusions). The candidates are
+  the positions with a next token (``position_draw="with_next"``, the default) or every position
+  (``"all"``, the paper's draw; an item drawn at its last token has no target: no cross-entropy).
 - dense: a block of consecutive sentences; the first ``chunk_len`` tokens are the input and every
   position with a next token inside the chunk is scored; with ``stride`` < ``chunk_len`` only the last
   ``stride`` of them are, so each keeps at least ``chunk_len - stride`` tokens of context.
@@ -22,6 +24,8 @@ from .corpora.base import SPLIT_FRACTIONS
 from .corpora.sentences import MAX_WORDS, MIN_WORDS, document_sentences
 
 PROTOCOLS = ("paper", "dense")
+POSITION_DRAWS = ("with_next", "all")
+NO_TARGET = -1  # the target of a scored position without a next token (position_draw="all")
 # Characters per token is about 4 for English BPE vocabularies; dense blocks carry 1.5x that so
 # that a chunk is nearly always filled; a short block is scored on the positions it has.
 _CHARS_PER_TOKEN = 6
@@ -33,20 +37,30 @@ class ProtocolConfig:
     seed: int = 1234
     chunk_len: int = 128
     stride: int | None = None
+    position_draw: str = "with_next"
 
     def __post_init__(self):
         if self.name not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.name!r}; expected one of {PROTOCOLS}")
+        if self.position_draw not in POSITION_DRAWS:
+            raise ValueError(f"unknown position_draw {self.position_draw!r}; expected one of {POSITION_DRAWS}")
+        if self.name == "dense" and self.position_draw != "with_next":
+            raise ValueError("position_draw applies to the paper protocol; the dense protocol scores every position "
+                             "with a next token inside the chunk")
         if self.chunk_len < 2:
             raise ValueError("chunk_len must be at least 2")
         if self.stride is not None and not 1 <= self.stride <= self.chunk_len:
             raise ValueError(f"stride must be between 1 and chunk_len ({self.chunk_len}), got {self.stride}")
 
     def as_dict(self) -> dict:
+        """What identifies the items and positions (cache keys, item hashes, provenance). The default draw is left
+        out, so that keys and hashes of runs that predate the option stay valid."""
         d = asdict(self)
         if self.name == "paper":
             d.pop("chunk_len")
             d.pop("stride")
+        if self.position_draw == "with_next":
+            d.pop("position_draw")
         return d
 
 
@@ -124,12 +138,14 @@ def _dense_blocks(doc_id: str, text: str, min_chars: int) -> list[Item]:
 
 
 def scored_positions(n_tokens: int, protocol: ProtocolConfig, u: float, first: int = 0) -> list[int]:
-    """Positions scored in a causal input of ``n_tokens`` tokens (each needs a next token).
+    """Positions scored in a causal input of ``n_tokens`` tokens (each needs a next token, except under the
+    paper protocol with ``position_draw="all"``).
 
     ``first`` skips leading special tokens that are not text (none for causal models by default).
     For the paper protocol the input is later cut after the returned position.
     """
-    candidates = list(range(first, n_tokens - 1))
+    last = n_tokens if protocol.name == "paper" and protocol.position_draw == "all" else n_tokens - 1
+    candidates = list(range(first, last))
     if not candidates:
         return []
     if protocol.name == "paper":

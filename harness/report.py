@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import statistics
 from pathlib import Path
 
 _TASK = re.compile(r"^jtc_(?P<projector>[a-z0-9]+)_(?P<distribution>.+)$")
@@ -43,6 +44,11 @@ def layer_table(results_file: Path, metric: str = "p@1") -> str:
                 res = projectors[p]["res"]
                 cells.append(f"{res[f'{metric}.L{layer},none']:.3f} ± {res[f'{metric}.L{layer}_stderr,none']:.3f}")
             out.append(f"| {layer} | " + " | ".join(cells) + " |")
-        cells = [f"{projectors[p]['res'][f'{metric},none']:.3f}" for p in names]
-        out.append("| mean | " + " | ".join(cells) + " |\n")
+        if metric.split(".")[0] in ("r2", "r2w"):
+            # no layer mean of r^2: one layer can dominate it; the median over layers is bounded by the typical layer
+            cells = [f"{statistics.median(projectors[p]['res'][f'{metric}.L{l},none'] for l in range(layers)):.3f}" for p in names]
+            out.append("| median over layers | " + " | ".join(cells) + " |\n")
+        else:
+            cells = [f"{projectors[p]['res'][f'{metric},none']:.3f}" for p in names]
+            out.append("| mean over layers | " + " | ".join(cells) + " |\n")
     return "\n".join(out)

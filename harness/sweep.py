@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -108,14 +109,22 @@ def lm_eval_command(pretrained: str, tasks: str, output: Path, metadata: dict, e
     return cmd + [a for a in extra if a != "--"], env
 
 
+def layer_median(res: dict, metric: str) -> float:
+    """The median over layers of a per-layer metric (``metric.L0,none`` ...); NaN when the results hold none."""
+    values = [v for k, v in res.items() if re.fullmatch(re.escape(metric) + r"\.L\d+,none", k) and isinstance(v, (int, float))]
+    return statistics.median(values) if values else float("nan")
+
+
 def summarise(results_file: Path) -> list[str]:
+    """One line per jtc task: P@1 and KL averaged over layers; r^2 as its median over layers, since one layer's
+    coordinate-averaged r^2 can be in the thousands below zero while the others lie in [0, 1]."""
     data = json.loads(results_file.read_text())
     rows = []
     for task, res in sorted(data["results"].items()):
         if not task.startswith("jtc_"):
             continue
         rows.append(f"  {task:28s} P@1 {res.get('p@1,none', float('nan')):.4f}  KL {res.get('kl,none', float('nan')):.4f} nats"
-                    f"  r2 {res.get('r2,none', float('nan')):.4f}")
+                    f"  r2 median {layer_median(res, 'r2'):.4f}  r2w median {layer_median(res, 'r2w'):.4f}")
     provs = [c.get("metadata", {}).get("provenance") or {} for c in data.get("configs", {}).values()]
     peaks = [m.get("host_rss_mib", 0) for p in provs for m in p.get("peak_memory", [])]
     seconds = max((p.get("run_seconds", 0) for p in provs), default=0)
@@ -178,7 +187,8 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
                                                "seconds": round(time.perf_counter() - start, 1), "processes": processes})
         print(f"[jtc sweep] {name}: done in {time.perf_counter() - start:.0f} s")
         done.append((name, results))
-    print("[jtc sweep] layer-averaged results (per-layer values and provenance in the results files):")
+    print("[jtc sweep] P@1 and KL averaged over layers; r2 (coordinate-averaged) and r2w (variance-weighted) as medians over "
+          "layers; per-layer values and provenance in the results files:")
     for name, results in done:
         print(f"{name}  ({results})")
         for row in summarise(results):

@@ -127,14 +127,19 @@ def metric_charts(tasks: list[read.TaskRun], families: list[tables.Family], cont
 
 
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
-    labels, rows = tables.r2_by_projector(tasks)
     L = tasks[0].num_layers
-    out = [{
-        "title": "r² of the projected state against the last layer's state, by source layer",
-        "svg": svg.heatmap(rows, labels, [str(l) for l in range(L)], title="r² by layer and projector",
-                           x_label=f"source layer l (target: layer {L}, the last block's output)"),
-        "pairwise": False,
-    }]
+    out = []
+    for metric in ("r2", "r2w"):
+        if not all(metric in t.layers for t in tasks):
+            continue  # r2w: runs of older versions did not record it
+        labels, rows = tables.r2_by_projector(tasks, metric)
+        name = tables.TITLES[metric]
+        out.append({
+            "title": f"{name} of the projected state against the last layer's state, by source layer",
+            "svg": svg.heatmap(rows, labels, [str(l) for l in range(L)], title=f"{name} by layer and projector",
+                               x_label=f"source layer l (target: layer {L}, the last block's output)"),
+            "pairwise": False, "metric": metric,
+        })
     for t in tasks:
         matrix = tables.r2_pairwise(t)
         if matrix is None:
@@ -144,7 +149,7 @@ def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
             "title": f"r² of {t.label} from every layer l to every later layer l′",
             "svg": svg.heatmap(values, [f"l = {s}" for s in src], [str(d) for d in dst], title=f"r² layer to layer, {t.label}",
                                x_label="target layer l′", y_label="source layer l", cell=14, label_width=60),
-            "pairwise": True,
+            "pairwise": True, "metric": "r2",
         })
     return out
 
@@ -156,7 +161,7 @@ def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
 def _family_data(f: tables.Family) -> dict:
     return {"model": f.model, "distribution": f.distribution, "metric": f.metric, "a": f.a_label, "b": f.b_label,
             "a_run": str(f.a.results_file), "b_run": str(f.b.results_file), "alpha": f.alpha, "correction": "holm",
-            "n_resamples": f.n_resamples,
+            "n_resamples": f.n_resamples, "items": "not at position 0" if f.without_position_0 else "all",
             "error": f.error, "notes": f.notes, "layers": [r.to_dict() for r in f.rows]}
 
 
@@ -188,9 +193,10 @@ def stale_pages(out: Path, written: list[Path]) -> list[Path]:
 
 
 def build_site(results: list[str | Path], output: str | Path, alpha: float = ALPHA, resamples: int = N_RESAMPLES,
-               seed: int = SEED, stream=None) -> BuildResult:
+               seed: int = SEED, stream=None, without_position_0: bool = False) -> BuildResult:
     """Build the site in ``output`` from lm-eval output folders (or results files) ``results``; problems
-    become warnings (stderr and index), not failures."""
+    become warnings (stderr and index), not failures. ``without_position_0``: the paired tests leave out the
+    items scored at position 0."""
     start = time.perf_counter()
     stream = sys.stderr if stream is None else stream
     out = Path(output)
@@ -199,7 +205,8 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     all_models = tables.models(loaded.tasks)
     cache = read.SampleCache()
     env = environment()
-    common = {"alpha": alpha, "n_resamples": resamples, "models": all_models, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    common = {"alpha": alpha, "n_resamples": resamples, "models": all_models, "without_position_0": without_position_0,
+              "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     families_out = []
     model_pages = []
@@ -209,7 +216,8 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
             tasks = m.in_distribution(dist)
             if not tasks:
                 continue  # only transfer runs here; they are on the transfer page
-            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed)
+            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed,
+                                      without_position_0=without_position_0)
             for f in fams:
                 families_out.append(_family_data(f))
                 warnings += _family_problems(f, m.name)
@@ -217,10 +225,13 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                 "distribution": dist, "tasks": tasks, "families": fams,
                 "charts": metric_charts(tasks, fams, f"{m.name} on {dist}"), "heatmaps": r2_heatmaps(tasks),
                 "metrics": [k for k in read.ALL_METRICS if all(k in t.layers for t in tasks)],
+                "no0_metrics": [k for k in read.ALL_METRICS
+                                if all(t.without_position_0 and k in t.without_position_0["layers"] for t in tasks)],
             })
         model_pages.append((m, sections))
 
-    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed)
+    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
+                                 without_position_0=without_position_0)
     transfer_views = []
     for tr in transfers:
         shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
@@ -249,7 +260,8 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)
-    data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "families": families_out,
+    data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "without_position_0": without_position_0,
+            "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
     atomic_write_bytes(out / "comparisons.json", json.dumps(data, indent=1).encode("utf-8"))
     for stale in stale_pages(out, pages):
@@ -275,6 +287,8 @@ def parser(prog: str = "jtc leaderboard") -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error level of the Holm-corrected tests (default %(default)s)")
     p.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap and permutation resamples per layer (default %(default)s)")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the resampling (default %(default)s)")
+    p.add_argument("--without-position-0", action="store_true",
+                   help="run the paired tests on the items not scored at position 0 (a one-token input without BOS)")
     return p
 
 
@@ -282,7 +296,8 @@ def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
     """``jtc leaderboard ...`` (harness.cli hands its arguments here) or ``python -m leaderboard.build ...``."""
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed)
+        result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed,
+                            without_position_0=args.without_position_0)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"jtc leaderboard: {exc}", file=sys.stderr)
         return 1

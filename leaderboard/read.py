@@ -21,8 +21,10 @@ from harness.options import FITTED
 
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
-OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy")
-ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2")  # display order
+OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy", "r2w")
+ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2", "r2w")  # display order
+# Per layer only: a layer mean of r^2 is dominated by its worst layer (runs of older versions recorded one; it is not read).
+NO_LAYER_MEAN = ("r2", "r2w")
 NATS = ("surprisal", "kl", "xent", "entropy")  # natural-log metrics, shown in bits
 
 _TASK = re.compile(r"^(?:custom_)?jtc_(?P<projector>[A-Za-z0-9]+)(?:_(?P<distribution>.+))?$")
@@ -62,6 +64,7 @@ class TaskRun:
     layers: dict[str, list[float]]
     stderr: dict[str, list[float | None]]
     pairwise_r2: dict[tuple[int, int], float]
+    without_position_0: dict | None  # {"items": n, "layers": {metric: per-layer means}} over items not scored at position 0
     provenance: dict
     results_file: Path
     samples_file: Path | None
@@ -83,6 +86,22 @@ class TaskRun:
     def fit_items(self) -> int | None:
         pconf = self.provenance.get("projector_config")
         return (pconf.get("fit_items") or pconf.get("n_fit")) if isinstance(pconf, dict) else None
+
+    @property
+    def position_0_ids(self) -> set[str] | None:
+        """Items scored at position 0, when the run recorded them (None: unknown)."""
+        ids = self.provenance.get("items_at_position_0_ids")
+        if isinstance(ids, list):
+            return {str(i) for i in ids}
+        return set() if self.provenance.get("items_at_position_0") == 0 else None
+
+    @property
+    def skipped_ids(self) -> set[str]:
+        """Items the run listed as not scored (too short, ...): their samples carry no metric values."""
+        recorded = self.provenance.get("items_skipped")
+        if not isinstance(recorded, dict):
+            return set()
+        return {str(i) for ids in recorded.values() if isinstance(ids, list) for i in ids}
 
     @property
     def fit_label(self) -> str:
@@ -203,16 +222,18 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
     means: dict[str, float] = {}
     mean_stderr: dict[str, float | None] = {}
     for metric in REQUIRED_METRICS + OPTIONAL_METRICS:
-        keys = [f"{metric}.L{l},none" for l in range(L)] + [f"{metric},none"]
+        keys = [f"{metric}.L{l},none" for l in range(L)] + ([] if metric in NO_LAYER_MEAN else [f"{metric},none"])
         absent = [k for k in keys if k not in res]
         if absent:
             if metric in REQUIRED_METRICS:
                 missing += absent
             continue
         values = [_finite(res[k], f"{k!r}") for k in keys]
-        layers[metric], means[metric] = values[:-1], values[-1]
+        layers[metric] = values[:L]
         stderr[metric] = [_maybe_number(res.get(f"{metric}.L{l}_stderr,none")) for l in range(L)]
-        mean_stderr[metric] = _maybe_number(res.get(f"{metric}_stderr,none"))
+        if metric not in NO_LAYER_MEAN:
+            means[metric] = values[L]
+            mean_stderr[metric] = _maybe_number(res.get(f"{metric}_stderr,none"))
     if missing:
         raise ValueError(f"partial results: {len(missing)} metric value(s) missing for {L} layers, e.g. {', '.join(missing[:3])}")
     pairwise = {}
@@ -222,6 +243,7 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
             pairwise[(int(pm["src"]), int(pm["dst"]))] = _finite(value, f"{key!r}")
 
     items = prov.get("items")
+    without = _without_position_0(prov, L, items)
     if not isinstance(items, int) or isinstance(items, bool):
         items = (data.get("n-samples", {}).get(task, {}) or {}).get("effective")
     if not isinstance(items, int):
@@ -240,12 +262,32 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
         model_key=_model_key(model), model_name=str(model.get("name") or data.get("model_name") or "unnamed model"),
         num_layers=L, d_model=model.get("d_model"), vocab_size=model.get("vocab_size"),
         n_params=n_params, params_estimated=estimated and n_params is not None, items=items,
-        means=means, mean_stderr=mean_stderr, layers=layers, stderr=stderr, pairwise_r2=pairwise, provenance=prov,
+        means=means, mean_stderr=mean_stderr, layers=layers, stderr=stderr, pairwise_r2=pairwise,
+        without_position_0=without, provenance=prov,
         results_file=path, samples_file=samples if samples and samples.is_file() else None,
         # the run's own start time orders runs; the task's provenance date stands in when it is absent
         date=run.date if run.date else (date or 0.0), date_text=str(prov.get("date") or run.date_text),
         run_id=run.run_id, lm_eval_version=run.lm_eval_version,
     )
+
+
+def _without_position_0(prov: dict, L: int, items) -> dict | None:
+    """Per-layer means over the items not scored at position 0, as recorded; older runs recorded r^2 only."""
+    def layer_list(values):
+        ok = isinstance(values, list) and len(values) == L and all(_maybe_number(v) is not None for v in values)
+        return [float(v) for v in values] if ok else None
+
+    recorded = prov.get("without_position_0")
+    if isinstance(recorded, dict) and isinstance(recorded.get("means"), dict):
+        layers = {m: v for m, v in ((m, layer_list(v)) for m, v in recorded["means"].items()) if m in ALL_METRICS and v}
+        n = recorded.get("items")
+        return {"items": n if isinstance(n, int) else None, "layers": layers} if layers else None
+    old = layer_list(prov.get("r2_by_layer_without_position_0"))
+    if old:
+        n0 = prov.get("items_at_position_0")
+        n = items - n0 if isinstance(items, int) and isinstance(n0, int) else None
+        return {"items": n, "layers": {"r2": old}}
+    return None
 
 
 def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
@@ -328,6 +370,17 @@ class Samples:
     item_hashes: list[str | None] = field(default_factory=list)
     text_hashes: list[str] = field(default_factory=list)
 
+    def without(self, excluded: set[str]) -> "Samples":
+        """The same samples less the items in ``excluded``."""
+        keep = [i not in excluded for i in self.ids]
+
+        def kept(seq):
+            return [x for x, k in zip(seq, keep) if k] if seq else seq
+
+        mask = np.array(keep, dtype=bool)
+        return Samples(ids=kept(self.ids), values={m: {l: v[mask] for l, v in by_layer.items()} for m, by_layer in self.values.items()},
+                       item_hashes=kept(self.item_hashes), text_hashes=kept(self.text_hashes))
+
 
 def doc_text_hash(doc: dict) -> str:
     """Hash of a sample doc's text and position draw: what pairs items of runs that record no item_sha256."""
@@ -354,11 +407,13 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
     """Per-item values of ``metrics`` at every layer, keyed by the item id in each line's ``doc``.
 
     Raises ValueError naming the file for a missing file, an unreadable line, or a line without
-    an item id or a metric value: a comparison cannot quietly drop items.
+    an item id or a metric value: a comparison cannot quietly drop items. Items the run's provenance
+    lists as skipped (not scored) are the exception: their lines are passed over.
     """
     if task.samples_file is None:
         raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
     ids: list[str] = []
+    skipped = task.skipped_ids
     item_hashes: list[str | None] = []
     text_hashes: list[str] = []
     columns = {m: [[] for _ in range(task.num_layers)] for m in metrics}
@@ -369,6 +424,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
             try:
                 row = json.loads(line)
                 item = row["doc"]["item_id"]
+                if item in skipped:
+                    continue
                 recorded = row["doc"].get("item_sha256")
                 text_hash = doc_text_hash(row["doc"])
                 for m in metrics:

@@ -23,7 +23,7 @@ COMPARED = ("p@1", "surprisal", "kl")  # the charted metrics; each gets its own 
 PAIRS = (("mat", "id"), ("affine", "mat"), ("tuned", "mat"))  # (A, B): the difference is A - B
 PROJECTOR_ORDER = ("id", "mat", "affine", "tuned")
 TITLES = {"p@1": "P@1", "p@5": "P@5", "p@10": "P@10", "surprisal": "surprisal", "kl": "KL", "xent": "cross-entropy",
-          "entropy": "entropy", "r2": "r²"}
+          "entropy": "entropy", "r2": "r² (coordinate mean)", "r2w": "r²w (variance-weighted)"}
 
 
 def scale(metric: str) -> float:
@@ -169,6 +169,7 @@ class Family:
     a_label: str = ""
     b_label: str = ""
     short: str = ""  # the pair's name in a chart's significance strip
+    without_position_0: bool = False  # tested on the items not scored at position 0 only
 
     def __post_init__(self) -> None:
         self.a_label = self.a_label or self.a.label
@@ -177,7 +178,8 @@ class Family:
 
     @property
     def description(self) -> str:
-        return (f"family: {self.model}, {self.distribution}, {TITLES[self.metric]}, {self.a_label} vs {self.b_label} "
+        items = ", items not scored at position 0" if self.without_position_0 else ""
+        return (f"family: {self.model}, {self.distribution}{items}, {TITLES[self.metric]}, {self.a_label} vs {self.b_label} "
                 f"over {self.a.num_layers} layers; Holm at α = {self.alpha:g}")
 
     @property
@@ -210,14 +212,29 @@ def resamples_for(n_layers: int, alpha: float, requested: int) -> int:
     return max(requested, math.ceil(4 * n_layers / alpha))
 
 
+def position_0_items(a: TaskRun, b: TaskRun) -> set[str]:
+    """The items either run scored at position 0; an error when a run did not record them."""
+    out = set()
+    for t in (a, b):
+        ids = t.position_0_ids
+        if ids is None:
+            raise ValueError(f"{t.task} does not list its items at position 0 (a run of an older jtc-lens, or the dense "
+                             "protocol, where every item starts at position 0); build without --without-position-0")
+        out |= ids
+    return out
+
+
 def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, *, alpha: float,
-           n_resamples: int, seed: int, **labels: str) -> Family:
+           n_resamples: int, seed: int, without_position_0: bool = False, **labels: str) -> Family:
     fam = Family(model=model, distribution=a.distribution, metric=metric, a=a, b=b, alpha=alpha,
-                 n_resamples=resamples_for(a.num_layers, alpha, n_resamples), **labels)
+                 n_resamples=resamples_for(a.num_layers, alpha, n_resamples), without_position_0=without_position_0, **labels)
     try:
         if a.num_layers != b.num_layers:
             raise ValueError(f"{a.task} has {a.num_layers} layers and {b.task} {b.num_layers}")
         sa, sb = cache.get(a, COMPARED), cache.get(b, COMPARED)
+        if without_position_0:
+            at0 = position_0_items(a, b)
+            sa, sb = sa.without(at0), sb.without(at0)
         contents_a, contents_b = item_contents(sa, sb)
         fam.rows = compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
                            n_resamples=fam.n_resamples, seed=seed, contents_a=contents_a, contents_b=contents_b)
@@ -254,14 +271,14 @@ def provenance_notes(a: TaskRun, b: TaskRun) -> list[str]:
 
 
 def comparisons(m: Model, distribution: str, cache: SampleCache, *, alpha: float, n_resamples: int,
-                seed: int) -> list[Family]:
+                seed: int, without_position_0: bool = False) -> list[Family]:
     present = {t.projector: t for t in m.in_distribution(distribution)}
     out = []
     for metric in COMPARED:
         for a, b in PAIRS:
             if a in present and b in present:
                 out.append(family(m.name, present[a], present[b], metric, cache, alpha=alpha,
-                                  n_resamples=n_resamples, seed=seed))
+                                  n_resamples=n_resamples, seed=seed, without_position_0=without_position_0))
     return out
 
 
@@ -289,7 +306,8 @@ class Transfer:
         return (self.task.means[metric] - self.in_dist.means[metric]) * scale(metric)
 
 
-def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int) -> list[Transfer]:
+def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int,
+              without_position_0: bool = False) -> list[Transfer]:
     out = []
     for m in all_models:
         for t in sorted((t for t in m.tasks if t.transfer), key=lambda t: (t.distribution, projector_sort_key(t.projector), t.fit_on)):
@@ -299,6 +317,7 @@ def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_re
             tr = Transfer(model=m, task=t, in_dist=in_dist, baseline=baseline)
             if in_dist is not None:
                 tr.families = [family(m.name, t, in_dist, metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                                      without_position_0=without_position_0,
                                       a_label=t.fit_label, b_label=in_dist.fit_label, short="vs in-dist. fit")
                                for metric in COMPARED]
             out.append(tr)
@@ -309,17 +328,18 @@ def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_re
 # r^2 matrices
 
 
-def r2_by_projector(tasks: list[TaskRun]) -> tuple[list[str], list[list[float | None]]]:
-    """Rows of r^2 from each layer to the last, per projector, and the same without position-0 items where recorded."""
+def r2_by_projector(tasks: list[TaskRun], metric: str = "r2") -> tuple[list[str], list[list[float | None]]]:
+    """Rows of r^2 (``r2``, coordinate-averaged, or ``r2w``, variance-weighted) from each layer to the last, per
+    projector, and the same without position-0 items where recorded."""
     labels, rows = [], []
     for t in tasks:
         labels.append(t.label)
-        rows.append(list(t.layers["r2"]))
+        rows.append(list(t.layers[metric]))
     for t in tasks:
-        alt = t.provenance.get("r2_by_layer_without_position_0")
-        if isinstance(alt, list) and len(alt) == t.num_layers and all(isinstance(v, (int, float)) for v in alt):
+        alt = (t.without_position_0 or {}).get("layers", {}).get(metric)
+        if alt:
             labels.append(f"{t.label}, no pos-0 items")
-            rows.append([float(v) for v in alt])
+            rows.append(list(alt))
     return labels, rows
 
 

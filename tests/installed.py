@@ -12,3 +12,28 @@ def installed_package_dir() -> Path | None:
         return None
     init = next((f for f in dist.files or [] if str(f) == "harness/__init__.py"), None)
     return Path(dist.locate_file(init)).parent if init else None
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def lm_eval_launch(env: dict) -> tuple[list[str], dict] | None:
+    """How a test starts the stock lm_eval command: the installed wheel when there is one (PYTHONPATH
+    removed, so that nothing of the checkout is importable), else this checkout's code and task folder.
+    None when neither is available. The command is ``lm_eval_module_args`` after ``python -m lm_eval``."""
+    import sys
+
+    args, env = lm_eval_module_args(env) or (None, None)
+    if args is None:
+        return None
+    return [sys.executable, "-m", "lm_eval", *args], env
+
+
+def lm_eval_module_args(env: dict) -> tuple[list[str], dict] | None:
+    """Arguments for ``-m lm_eval`` (under ``python`` or ``accelerate launch``) and the environment to run it in."""
+    pkg = installed_package_dir()
+    if pkg is not None and (pkg / "tasks").is_dir():
+        return [], {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    if not (CHECKOUT / "tasks").is_dir():
+        return None
+    return ["--include_path", str(CHECKOUT / "tasks")], {**env, "PYTHONPATH": str(CHECKOUT)}

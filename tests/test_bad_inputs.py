@@ -254,7 +254,7 @@ def _build(env: Env, *folders: Path) -> tuple[str, dict]:
     from leaderboard.build import build_site
 
     out = env.tmp / "site"
-    build_site(list(folders), out, n_resamples=200, stream=io.StringIO())
+    build_site(list(folders), out, resamples=200, stream=io.StringIO())
     pages = "\n".join(p.read_text(encoding="utf-8") for p in sorted(out.glob("*.html")))
     return pages, json.loads((out / "comparisons.json").read_text())
 
@@ -341,13 +341,13 @@ def rebuild_into_a_used_folder(env: Env) -> str:
 
     out = env.tmp / "site"
     first = fake_runs.write_run(env.tmp / "a", [("id", "news", None)], model_id="modelaaaa", model_name="model-a")
-    build_site([first.parent], out, n_resamples=200, stream=io.StringIO())
+    build_site([first.parent], out, resamples=200, stream=io.StringIO())
     old_pages = sorted(p.name for p in out.glob("model-*.html"))
     write(out / "model-notes.html", "<p>my own notes, not the build's</p>")
     write(out / "README.txt", "kept")
     second = fake_runs.write_run(env.tmp / "b", [("id", "news", None)], model_id="modelbbbb", model_name="model-b")
     stream = io.StringIO()
-    build_site([second.parent], out, n_resamples=200, stream=stream)
+    build_site([second.parent], out, resamples=200, stream=stream)
     left = sorted(p.name for p in out.iterdir())
     assert not any(p in left for p in old_pages) and "model-notes.html" in left and "README.txt" in left
     return f"{stream.getvalue()} left: {left}"

@@ -14,13 +14,14 @@ import pytest
 from safetensors.torch import load_file
 
 import tiny
-from installed import installed_package_dir
+from installed import lm_eval_module_args
 
 pytestmark = pytest.mark.slow
 
 TASKS = "jtc_id_news,jtc_mat_news,jtc_affine_news,jtc_tuned_news,jtc_mat_wikipedia"
 # 13 items: the two processes get 7 and 6, so lm-eval pads one of them with a repeated request
-OPTIONS = {"n_eval": 13, "n_fit": 60, "token_budget": 640, "tokens_per_step": 128, "tuned_chunk_len": 64,
+# seed 6: news and wikipedia each have one item at position 0, so the means without them are summed over processes
+OPTIONS = {"seed": 6, "n_eval": 13, "n_fit": 60, "token_budget": 640, "tokens_per_step": 128, "tuned_chunk_len": 64,
            "warm_fit_tokens": 256}
 
 
@@ -32,7 +33,7 @@ def _bin(name):
 
 
 def _run(cmd, cwd, cache, extra_env=None):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    _, env = lm_eval_module_args(dict(os.environ))
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(cache), TQDM_DISABLE="1", **(extra_env or {}))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -41,17 +42,19 @@ def _run(cmd, cwd, cache, extra_env=None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if installed_package_dir() is None:
-        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
+    launch = lm_eval_module_args(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    module_args = launch[0]
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate's launcher is not installed")
     tmp = tmp_path_factory.mktemp("dp")
     model, tok = tiny.build("llama", layers=3)
     model.save_pretrained(tmp / "tiny")
     tok.save_pretrained(tmp / "tiny")
-    args = ["--model", "hf", "--model_args", f"pretrained={tmp / 'tiny'}", "--tasks", TASKS, "--log_samples",
+    args = [*module_args, "--model", "hf", "--model_args", f"pretrained={tmp / 'tiny'}", "--tasks", TASKS, "--log_samples",
             "--metadata", json.dumps(OPTIONS)]
-    _run([_bin("lm_eval"), *args, "--output_path", str(tmp / "one")], tmp, tmp / "cache-one")
+    _run([sys.executable, "-m", "lm_eval", *args, "--output_path", str(tmp / "one")], tmp, tmp / "cache-one")
     _run([_bin("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval", *args, "--output_path", str(tmp / "two")],
          tmp, tmp / "cache-two", {"ACCELERATE_USE_CPU": "1"})
@@ -75,11 +78,19 @@ def test_two_processes_split_the_items_and_agree_with_one(runs):
         assert p1["items"] == p2["items"] == 13 and p1["items_data_sha256"] == p2["items_data_sha256"]
         assert len(p2["peak_memory"]) == 2 and all(m["host_rss_mib"] > 0 for m in p2["peak_memory"])
         assert one["n-samples"][task] == two["n-samples"][task]
+        # means without the items at position 0: summed over both processes, the same as one process's
+        assert p1.get("items_at_position_0_ids") == p2.get("items_at_position_0_ids")
+        assert p1["items_at_position_0"] == 1
+        w1, w2 = p1["without_position_0"], p2["without_position_0"]
+        assert w1["items"] == w2["items"] == 12 and w1["means"].keys() == w2["means"].keys()
+        for m, values in w1["means"].items():
+            assert values == pytest.approx(w2["means"][m], rel=1e-5, abs=2e-6), (task, m)
         for key, value in res.items():
             if isinstance(value, float):
                 assert math.isclose(value, two["results"][task][key], rel_tol=1e-6, abs_tol=1e-6), (task, key)
                 compared += 1
-    assert compared == 5 * 8 * 4 * 2  # tasks x metrics x (mean + 3 layers) x (value, stderr)
+    # tasks x (7 lens metrics x (mean + 3 layers) + r2, r2w x 3 layers) x (value, stderr)
+    assert compared == 5 * (7 * 4 + 2 * 3) * 2
 
 
 def test_two_processes_fit_the_same_projectors(runs):

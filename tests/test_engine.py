@@ -5,6 +5,7 @@ import pytest
 import tiny
 from harness.corpora import get_corpus
 from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from harness.metrics import LENS_METRICS
 from harness.fitting import FitSpec, get_least_squares
 from harness.models import build_lens_model
 from harness.protocols import ProtocolConfig, build_items
@@ -26,11 +27,13 @@ def test_every_architecture_end_to_end(arch):
     L = lens.num_layers
     for resp in responses:
         for m in METRICS:
-            assert math.isfinite(resp[m])
             for layer in range(L):
                 assert math.isfinite(resp[f"{m}.L{layer}"])
             assert f"{m}.L{L}" not in resp
-            assert math.isclose(resp[m], sum(resp[f"{m}.L{l}"] for l in range(L)) / L, rel_tol=1e-9, abs_tol=1e-12)
+            if m in LENS_METRICS:
+                assert math.isclose(resp[m], sum(resp[f"{m}.L{l}"] for l in range(L)) / L, rel_tol=1e-9, abs_tol=1e-12)
+            else:  # r^2: per layer only, no layer mean
+                assert m not in resp
         assert resp["n_positions"] == 1
         prov = PROVENANCE[resp["provenance"]]
         assert prov["model"]["unembed_sha256"] and len(prov["corpus_sha256"]) == 64
@@ -115,5 +118,73 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
     lens = build_lens_model(model.to(torch.bfloat16), tok)
     requests = _requests(ProtocolConfig("paper", seed=3), n_items=6, n_fit=60)
     responses = Engine(lens, batch_size=4).run(requests)
-    assert all(math.isfinite(r[m]) for r in responses for m in METRICS)
+    assert all(math.isfinite(r[f"{m}.L0"]) for r in responses for m in METRICS)
     assert PROVENANCE[responses[0]["provenance"]]["dtype"] == "bfloat16"
+
+
+def test_every_metric_is_also_reported_without_the_items_at_position_0():
+    from harness.protocols import Item
+
+    lens = build_lens_model(*tiny.build("llama"))
+    protocol = ProtocolConfig("paper", seed=3)
+    drawn = build_items(get_corpus("wikipedia"), "validation", protocol, limit=10)
+    # four items planted at position 0 (u = 0: a one-token input, as without BOS)
+    items = [Item(it.item_id, it.text, 0.0 if k % 3 == 0 else it.u) for k, it in enumerate(drawn)]
+    at0 = sorted(it.item_id for k, it in enumerate(items) if k % 3 == 0)
+    rest = [it for it in items if it.item_id not in at0]
+    fit = FitSpec("wikipedia", protocol, 80)
+
+    def run(chosen):
+        requests = [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit)
+                    for p in ("id", "mat") for it in chosen]
+        responses = Engine(lens, batch_size=4).run(requests)
+        return {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
+
+    everything, alone = run(items), run(rest)
+    L = lens.num_layers
+    for projector in ("id", "mat"):
+        prov = PROVENANCE[everything[projector][0]["provenance"]]
+        assert prov["items_at_position_0"] == 4 and prov["items_at_position_0_ids"] == at0
+        assert sorted(q.item_id for q, r in zip(items, everything[projector]) if r["position"] == 0) == at0
+        without = prov["without_position_0"]
+        assert without["items"] == 6 and set(without["means"]) == set(METRICS)
+        for m in METRICS:
+            for l in range(L):
+                # the same as scoring the other six items on their own (r^2 against their own variance)
+                expected = sum(r[f"{m}.L{l}"] for r in alone[projector]) / 6
+                assert math.isclose(without["means"][m][l], expected, rel_tol=1e-5, abs_tol=2e-6), (projector, m, l)
+        # and the planted items do move the means over every item
+        assert any(not math.isclose(sum(r[f"r2.L{l}"] for r in everything[projector]) / 10, without["means"]["r2"][l])
+                   for l in range(L))
+
+
+def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entropy():
+    from harness.encoding import encode
+    from harness.protocols import NO_TARGET, Item
+
+    lens = build_lens_model(*tiny.build("gpt2"))
+    tok = lens.tokenizer
+    every = ProtocolConfig("paper", seed=3, position_draw="all")
+    drawn = build_items(get_corpus("wikipedia"), "validation", every, limit=8)
+    # three items drawn at their last token (u just below 1), the others as drawn
+    items = [Item(it.item_id, it.text, 0.999999 if k < 3 else it.u) for k, it in enumerate(drawn)]
+    last = sorted(it.item_id for it in items[:3])
+    n = len(tok(items[0].text)["input_ids"])
+    assert encode(items[0], tok, every, False).positions == [n - 1] and encode(items[0], tok, every, False).targets == [NO_TARGET]
+    assert encode(items[0], tok, ProtocolConfig("paper", seed=3), False).positions == [n - 2]  # the default draw
+    with pytest.raises(ValueError, match="paper protocol"):
+        ProtocolConfig("dense", position_draw="all")
+    fit = FitSpec("wikipedia", every, 60)
+    requests = [EvalRequest(p, "wikipedia", "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
+    responses = Engine(lens, batch_size=3).run(requests)
+    L = lens.num_layers
+    for req, resp in zip(requests, responses):
+        prov = PROVENANCE[resp["provenance"]]
+        assert prov["position_draw"] == "all" and prov["protocol"]["position_draw"] == "all"
+        assert prov["items_without_next_token"] == last and prov["items"] == 8
+        # every lens metric but cross-entropy; cross-entropy missing, not 0
+        assert all(math.isfinite(resp[f"{m}.L{l}"]) for m in METRICS if m != "xent" for l in range(L))
+        if req.item.item_id in last:
+            assert not any(k.split(".")[0] == "xent" for k in resp)
+        else:
+            assert all(math.isfinite(resp[f"xent.L{l}"]) for l in range(L)) and resp["xent"] > 0

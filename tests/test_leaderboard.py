@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from installed import installed_package_dir
+from installed import lm_eval_launch
 from harness.cli import main as jtc
 from harness.stats import compare
 from leaderboard.build import N_RESAMPLES, build_site, fmt
@@ -38,20 +38,19 @@ def lm_eval_out(tmp_path_factory) -> Path:
     """lm-eval output folder of one run of the tiny llama on news and wikipedia, all three projectors."""
     if "out" in _RUN:
         return _RUN["out"]
-    pkg = installed_package_dir()
-    exe = Path(sys.executable).parent / "lm_eval"
-    if pkg is None or not (pkg / "tasks").is_dir() or not exe.exists():
-        pytest.skip("jtc-lens is not installed as a wheel with the lm_eval command beside the interpreter (pip install .)")
+    launch = lm_eval_launch(dict(os.environ))
+    if launch is None:
+        pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
+    prefix, env = launch
     root = tmp_path_factory.mktemp("lb-run")
     model, tok = tiny.build("llama", layers=LAYERS)
     model_dir = root / MODEL_DIR_NAME
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = root / "out"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(root / "cache"), TQDM_DISABLE="1")
-    cmd = [str(exe), "--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
-           "--output_path", str(out), "--log_samples", "--metadata", json.dumps({"n_eval": 12, "n_fit": 60})]
+    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
+                    "--output_path", str(out), "--log_samples", "--metadata", json.dumps({"n_eval": 12, "n_fit": 60})]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results,) = glob.glob(str(out / "*" / "results_*.json"))
@@ -209,7 +208,7 @@ def test_model_page_has_one_polyline_per_projector_in_every_chart(site):
             assert f'data-series="{projector}"' in chart
         assert chart.count("<circle") == 3 * LAYERS
         assert "relative depth" in chart
-    assert html.count('<svg class="heatmap"') == 2  # r^2 by (layer, projector) per distribution
+    assert html.count('<svg class="heatmap"') == 4  # r^2 and r^2w by (layer, projector) per distribution
     assert "Holm" in html and "α = 0.05" in html  # the family and level are stated
 
 
@@ -372,7 +371,7 @@ def test_pairwise_r2_keys_give_a_layer_to_layer_heatmap(results_tree, tmp_path):
     out = tmp_path / "site"
     build_site([tree], out, stream=io.StringIO())
     html = model_page(out)
-    assert html.count('<svg class="heatmap"') == 3
+    assert html.count('<svg class="heatmap"') == 5
     assert "from every layer l to every later layer" in html
     assert "r² = 0.8" in html  # r2.L0.L3
 
@@ -419,3 +418,59 @@ def test_custom_tasks_take_their_distribution_from_the_provenance(results_tree, 
     (row,) = [r for r in rows if r["Distribution"]["text"] == custom]
     assert row["Projector"]["text"] == "mat" and row["Rank"]["text"] == "1"
     assert "&lt;b&gt;notes&lt;/b&gt;" in model_page(out) and "<b>notes</b>" not in model_page(out)
+
+
+def test_position_0_items_have_their_own_per_layer_tables_and_can_be_left_out_of_the_paired_tests(results_tree, tmp_path):
+    tree = _copy_run(results_tree, tmp_path / "run")
+    ids, _ = _samples(tree, "jtc_id_news")
+    at0 = sorted(ids[:3])  # planted: three items recorded as scored at position 0 in every news task
+    planted = {}
+
+    def plant(data):
+        for task, config in data["configs"].items():
+            if not task.endswith("_news"):
+                continue
+            prov = config["metadata"]["provenance"]
+            prov.update(items_at_position_0=3, items_at_position_0_ids=at0)
+            planted[task] = {m: [0.01 * (l + 1) + k for l in range(LAYERS)] for k, m in enumerate(("p@1", "kl", "r2"))}
+            prov["without_position_0"] = {"items": 9, "means": planted[task]}
+            prov.pop("r2_by_layer_without_position_0", None)
+
+    _edit_results(_results_file(tree), plant)
+    default, without = tmp_path / "site", tmp_path / "site-no0"
+    assert build_site([tree], default, stream=io.StringIO()).warnings == []
+    assert build_site([tree], without, stream=io.StringIO(), without_position_0=True).warnings == []
+    html = model_page(default)
+    no0 = [t for t in tables(html) if "per-layer-table-no0" in t["attrs"].get("class", "")]
+    assert {t["attrs"]["data-metric"] for t in no0} == {"p@1", "kl", "r2"}  # one per metric recorded, news only
+    for table in no0:
+        metric = table["attrs"]["data-metric"]
+        header = [c["text"] for c in table["rows"][0]][1:]
+        for l, row in enumerate(table["rows"][1:]):
+            for projector, cell in zip(header, row[1:]):
+                factor = 1 / math.log(2) if metric == "kl" else 1.0
+                assert float(cell["attrs"]["data-sort"]) == pytest.approx(planted[f"jtc_{projector}_news"][metric][l] * factor)
+    # the paired tests: every item by default, the items not at position 0 with the option
+    for site, kept in ((default, None), (without, set(at0))):
+        data = json.loads((site / "comparisons.json").read_text())
+        assert data["without_position_0"] == (kept is not None)
+        for fam in data["families"]:
+            if fam["distribution"] != "news":
+                continue
+            ids_a, va = _samples(tree, f"jtc_{fam['a']}_news")
+            ids_b, vb = _samples(tree, f"jtc_{fam['b']}_news")
+            if kept:
+                keep_a = [i not in kept for i in ids_a]
+                keep_b = [i not in kept for i in ids_b]
+                va = {m: {l: [v for v, k in zip(vals, keep_a) if k] for l, vals in by.items()} for m, by in va.items()}
+                vb = {m: {l: [v for v, k in zip(vals, keep_b) if k] for l, vals in by.items()} for m, by in vb.items()}
+                ids_a = [i for i, k in zip(ids_a, keep_a) if k]
+                ids_b = [i for i, k in zip(ids_b, keep_b) if k]
+            expected = compare(ids_a, va[fam["metric"]], ids_b, vb[fam["metric"]], metric=fam["metric"], alpha=0.05,
+                               n_resamples=N_RESAMPLES, seed=0)
+            assert fam["layers"] == [e.to_dict() for e in expected]
+            assert fam["items"] == ("not at position 0" if kept else "all")
+            assert all(row["n"] == (9 if kept else 12) for row in fam["layers"])
+        if kept:
+            # wikipedia's runs record their own list of position-0 items: its families run too
+            assert all(f["error"] is None for f in data["families"])

@@ -112,7 +112,7 @@ def test_a_bfloat16_model_is_fitted_in_float64():
     protocol = ProtocolConfig("dense", chunk_len=32)
     items = build_items(get_corpus("wikipedia"), "train", protocol, limit=12)
     encoded = [encode(it, tok, protocol, False) for it in items]
-    acc = accumulate(lens, encoded, "all", batch_size=4, desc="fit")
+    acc, _ = accumulate(lens, encoded, "all", batch_size=4, desc="fit")
     assert acc.gram.dtype == torch.float64 and acc.n > lens.d_model
     ours = fit_least_squares(acc, intercept=False)
     # reference: the same bfloat16 states, solved in float64 by lstsq

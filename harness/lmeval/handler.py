@@ -48,6 +48,8 @@ class LensResponse:
 
     def __str__(self) -> str:
         v = self.values
+        if "skipped" in v:
+            return f"jtc item {self.item_id}: skipped ({v['skipped']}), provenance {v.get('provenance')}"
         return (f"jtc item {self.item_id}: position {v.get('position')}, {v.get('n_positions')} scored, "
                 f"{v.get('n_tokens')} tokens, provenance {v.get('provenance')}")
 
@@ -63,11 +65,14 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
         return []
     parsed = []
     batch_size = None
+    modes = set()
     for req in requests:
         text, spec_json = req.args[0], req.args[1]
         spec = json.loads(spec_json)
         batch_size = batch_size or spec.get("batch_size")
+        modes.add(spec.get("on_nonfinite", "error"))
         parsed.append(request_from_spec(text, spec))
+    on_nonfinite = _one_mode(modes, group)
     lens = getattr(lm, "_jtc_lens", None)
     if lens is None:
         model = getattr(lm, "model", None)
@@ -77,8 +82,17 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
         lens = build_lens_model(model, tokenizer)
         lm._jtc_lens = lens
     max_length = getattr(lm, "max_length", None)
-    engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length, group=group)
+    engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length, group=group, on_nonfinite=on_nonfinite)
     return [LensResponse(r.item.item_id, values) for r, values in zip(parsed, engine.run(parsed))]
+
+
+def _one_mode(modes: set[str], group) -> str:
+    """The run's on_nonfinite, the same on every process: its tasks share fits and batches, so they must agree."""
+    every = sorted(set().union(*group.gather(modes)))
+    if len(every) > 1:
+        raise ValueError(f"the tasks of this run ask for different on_nonfinite values ({', '.join(every)}); "
+                         "they share fitted projectors and batches, so give one value to all of them")
+    return every[0] if every else "error"
 
 
 def install() -> None:

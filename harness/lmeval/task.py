@@ -56,7 +56,11 @@ class JTCTask(ConfigurableTask):
         meta["fit_on"] = meta.get("fit_on") or meta["distribution"]
         if meta["stride"] is not None and meta["stride"] > meta["chunk_len"]:
             raise OptionError(f"task {config.get('task')}: option stride={meta['stride']} is larger than chunk_len={meta['chunk_len']}")
-        self._protocol = ProtocolConfig(name=meta["protocol"], seed=meta["seed"], chunk_len=meta["chunk_len"], stride=meta["stride"])
+        try:
+            self._protocol = ProtocolConfig(name=meta["protocol"], seed=meta["seed"], chunk_len=meta["chunk_len"],
+                                            stride=meta["stride"], position_draw=meta["position_draw"])
+        except ValueError as exc:
+            raise OptionError(f"task {config.get('task')}: {exc}") from None
         config["metadata"] = meta
         self._meta = meta
         self._jtc_higher_is_better: dict = {}
@@ -102,11 +106,12 @@ class JTCTask(ConfigurableTask):
             "projector": meta["projector"],
             "distribution": meta["distribution"],
             "split": meta["split"],
-            "protocol": {"name": self._protocol.name, "seed": self._protocol.seed,
-                         "chunk_len": self._protocol.chunk_len, "stride": self._protocol.stride},
+            "protocol": {"name": self._protocol.name, "seed": self._protocol.seed, "chunk_len": self._protocol.chunk_len,
+                         "stride": self._protocol.stride, "position_draw": self._protocol.position_draw},
             "item_id": doc["item_id"],
             "u": doc["u"],
             "batch_size": meta["jtc_batch_size"],
+            "on_nonfinite": meta["on_nonfinite"],
         }
         if meta["projector"] == "tuned":
             spec.update(fit_on=meta["fit_on"], recipe={

@@ -137,8 +137,16 @@ class GramAccumulator:
         self.n = int(state["n"].item())
 
 
+class FitError(ValueError):
+    """The least-squares statistics or solution are unusable (non-finite); the message says which."""
+
+
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve gram @ X = rhs, with Jacobi scaling so that a few huge coordinates do not ruin the conditioning."""
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        # LAPACK would stop on an internal assertion, or return garbage
+        raise FitError("the accumulated second moments hold inf/NaN: some fit positions had non-finite hidden states "
+                       f"({int((~torch.isfinite(gram)).sum())} non-finite Gram entries)")
     scale = gram.diagonal().clamp_min(1e-300).sqrt()
     g = gram / scale[:, None] / scale[None, :]
     r = rhs / scale[:, None]
@@ -149,7 +157,12 @@ def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     except RuntimeError:
         # Singular (fewer positions than dimensions, or collinear features): minimum-norm least squares.
         x = torch.linalg.lstsq(g, r, driver="gelsd").solution
-    return x / scale[:, None]
+    x = x / scale[:, None]
+    if not torch.isfinite(x).all():
+        raise FitError(f"the least-squares solution holds {int((~torch.isfinite(x)).sum())} non-finite value(s) "
+                       f"although its statistics are finite (largest Gram diagonal {float(gram.diagonal().max()):.3g}): "
+                       "the hidden states are too large to solve for in float64")
+    return x
 
 
 def _sources(acc: GramAccumulator) -> dict[int, list[int]]:
@@ -190,7 +203,10 @@ def fit_least_squares(acc: GramAccumulator, intercept: bool,
         lam = ridge.get(l, 0.0) if isinstance(ridge, dict) else ridge
         if lam > 0:
             g = ridge_penalty(g, lam)
-        sol = _solve_spd(g, rhs)
+        try:
+            sol = _solve_spd(g, rhs)
+        except FitError as exc:
+            raise FitError(f"{'affine' if intercept else 'mat'} from layer {l}: {exc}") from None
         for k, m in enumerate(targets):
             M = sol[:, k * acc.d:(k + 1) * acc.d]
             b = mean[m] - mean[l] @ M if intercept else None

@@ -1,0 +1,36 @@
+"""Text summaries of results files (`jtc sweep`, `jtc report`) never show a layer mean of r^2."""
+
+import json
+
+from harness.report import layer_table
+from harness.sweep import summarise
+
+# layer 0's coordinate-averaged r^2 as on Gemma 3 (mat): a layer mean would be about -1,311
+R2 = [-3933.0, 0.42, 0.81]
+R2W = [-1.5, 0.55, 0.9]
+
+
+def _results(tmp_path, with_old_mean: bool = False):
+    res = {"p@1,none": 0.5, "kl,none": 1.25}
+    for l in range(3):
+        res.update({f"p@1.L{l},none": 0.5, f"p@1.L{l}_stderr,none": 0.1, f"r2.L{l},none": R2[l], f"r2.L{l}_stderr,none": 1.0,
+                    f"r2w.L{l},none": R2W[l], f"r2w.L{l}_stderr,none": 0.1})
+    if with_old_mean:
+        res["r2,none"] = sum(R2) / 3  # what older runs recorded
+    prov = {"model": {"num_layers": 3}, "split": "validation", "items": 10, "protocol": {"name": "paper"}}
+    path = tmp_path / "results_x.json"
+    path.write_text(json.dumps({"results": {"jtc_mat_news": res}, "configs": {"jtc_mat_news": {"metadata": {"provenance": prov}}}}))
+    return path
+
+
+def test_sweep_summary_gives_the_median_over_layers_of_r2(tmp_path):
+    (row,) = summarise(_results(tmp_path, with_old_mean=True))
+    assert "r2 median 0.4200" in row and "r2w median 0.5500" in row
+    assert "-1310" not in row and "-1,310" not in row
+
+
+def test_report_tables_give_the_median_over_layers_of_r2_and_say_so(tmp_path):
+    table = layer_table(_results(tmp_path), "r2")
+    assert "| median over layers | 0.420 |" in table
+    assert "mean over layers" not in table
+    assert "| mean over layers | 0.500 |" in layer_table(_results(tmp_path), "p@1")
