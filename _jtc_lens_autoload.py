@@ -90,7 +90,7 @@ def _patch(module, patch_name):
         except Exception as exc:
             _record(module.__name__, exc)
     try:
-        from harness.lmeval import registration
+        from jtc_lens.harness.lmeval import registration
 
         getattr(registration, patch_name)(module)
     except Exception as exc:

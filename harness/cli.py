@@ -145,7 +145,7 @@ def _tuned(args) -> int:
 
 def _leaderboard(args) -> int:
     # the analysis side defines its own options; it is imported only for this command
-    from leaderboard.build import main as leaderboard_main
+    from ..leaderboard.build import main as leaderboard_main
 
     return leaderboard_main(args.argv)
 

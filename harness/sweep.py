@@ -136,7 +136,7 @@ def summarise(results_file: Path) -> list[str]:
 
 def build_leaderboard(output_path: Path, site: Path) -> int:
     # the analysis side, imported only here at the end of a sweep; it never imports the sweep
-    from leaderboard.build import build_site, exit_status
+    from ..leaderboard.build import build_site, exit_status
 
     print(f"[jtc sweep] building the leaderboard in {site}", flush=True)
     return exit_status(build_site([output_path], site))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from harness.store import atomic_write_bytes
+from ..harness.store import atomic_write_bytes
 
 from . import read, svg, tables
 from .read import Problem
@@ -293,7 +293,7 @@ def parser(prog: str = "jtc leaderboard") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
-    """``jtc leaderboard ...`` (harness.cli hands its arguments here) or ``python -m leaderboard.build ...``."""
+    """``jtc leaderboard ...`` (harness.cli hands its arguments here) or ``python -m jtc_lens.leaderboard.build ...``."""
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed,
@@ -305,4 +305,4 @@ def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m leaderboard.build"))
+    sys.exit(main(prog="python -m jtc_lens.leaderboard.build"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.options import FITTED
+from ..harness.options import FITTED
 
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")

@@ -13,8 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from harness.metrics import HIGHER_IS_BETTER
-from harness.stats import LayerComparison, compare
+from ..harness.metrics import HIGHER_IS_BETTER
+from ..harness.stats import LayerComparison, compare
 
 from .read import NATS, SampleCache, Samples, TaskRun
 

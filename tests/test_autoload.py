@@ -37,7 +37,7 @@ def run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 SABOTAGE = """
-import harness.lmeval.registration as registration
+import jtc_lens.harness.lmeval.registration as registration
 
 def broken(module):
     raise RuntimeError("simulated: lm-eval changed under jtc-lens")
@@ -90,8 +90,8 @@ def test_failed_model_patch_makes_jtc_requests_fail_with_the_cause(other_tasks):
 
 
 def test_harness_that_cannot_be_imported_still_gives_the_cause(other_tasks, tmp_path):
-    # a harness package that fails on import (a missing dependency, say): the guard needs nothing from it
-    broken = tmp_path / "broken" / "harness"
+    # a jtc_lens package that fails on import (a missing dependency, say): the guard needs nothing from it
+    broken = tmp_path / "broken" / "jtc_lens"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('simulated: a dependency of jtc-lens is missing')\n")
     code = f"import sys; sys.path.insert(0, {str(broken.parent)!r})\nimport _jtc_lens_autoload\n" + PROBE.format(other=other_tasks)

@@ -57,9 +57,9 @@ def write(path: Path, content: str | bytes) -> Path:
 
 
 def changed_block_weights_refit(env: Env) -> str:
-    from harness.fitting import FitSpec, get_least_squares
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
 
     model, tok = tiny.build("llama")  # tied embeddings: a fine-tune of the blocks leaves the unembedding alone
     lens = build_lens_model(model, tok)
@@ -74,10 +74,10 @@ def changed_block_weights_refit(env: Env) -> str:
 
 
 def corrupt_cache_entry_refit(env: Env) -> str:
-    from harness.fitting import FitSpec, get_least_squares
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
-    from harness.store import cache_root
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
+    from jtc_lens.harness.store import cache_root
 
     lens = build_lens_model(*tiny.build("qwen2"))
     spec = FitSpec("news", ProtocolConfig("paper", seed=6), n_fit=40)
@@ -92,7 +92,7 @@ def corrupt_cache_entry_refit(env: Env) -> str:
 def encoder_decoder_model(env: Env) -> str:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from harness.models import build_lens_model
+    from jtc_lens.harness.models import build_lens_model
 
     model = T5ForConditionalGeneration(T5Config(vocab_size=400, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2))
     return raised(build_lens_model, model, tiny.tokenizer())
@@ -101,7 +101,7 @@ def encoder_decoder_model(env: Env) -> str:
 def malicious_pickle_in_a_tuned_lens(env: Env) -> str:
     import os
 
-    from harness.projectors.tuned import import_tuned_lens
+    from jtc_lens.harness.projectors.tuned import import_tuned_lens
 
     marker = env.tmp / "pwned"
 
@@ -122,28 +122,28 @@ def malicious_pickle_in_a_tuned_lens(env: Env) -> str:
 
 
 def binary_file_corpus(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "photo.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
     return raised(load_file, str(path))
 
 
 def nul_bytes_in_a_utf8_file(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "dump.txt", "A sentence of text.\x00\x00\x00 More of it.")
     return raised(load_file, str(path))
 
 
 def null_text_in_jsonl(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "docs.jsonl", '{"text": "A fine document."}\n\n{"id": "b", "text": null}\n')
     return raised(load_file, str(path))
 
 
 def _custom_task(corpus: str):
-    from harness.lmeval.task import JTCTask
+    from jtc_lens.harness.lmeval.task import JTCTask
 
     return JTCTask(config={"task": "custom_jtc_id", "metadata": {"projector": "id", "custom": True, "corpus": corpus}})
 
@@ -159,9 +159,9 @@ def no_sentence_long_enough(env: Env) -> str:
 
 
 def fit_on_a_corpus_without_train_items(env: Env) -> str:
-    from harness.fitting import FitSpec, fit_inputs
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
+    from jtc_lens.harness.fitting import FitSpec, fit_inputs
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
 
     path = write(env.tmp / "headings.txt", "\n\n".join(f"Heading {k}." for k in range(5)))
     lens = build_lens_model(*tiny.build("gpt2"))
@@ -174,8 +174,8 @@ def fit_on_a_corpus_without_train_items(env: Env) -> str:
 
 def _tampered_news(env: Env, changed_file: str = "bbcnews/data/business/001.txt"):
     """Load the bundled news corpus as if one of its installed files had been edited."""
-    import harness.corpora as corpora
-    from harness.corpora import news
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness.corpora import news
 
     real = news.load()
     tampered = corpora.Corpus(real.name, real.documents, {**real.source_hashes, changed_file: "f" * 64},
@@ -185,10 +185,10 @@ def _tampered_news(env: Env, changed_file: str = "bbcnews/data/business/001.txt"
 
 
 def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
-    import harness.corpora as corpora
-    from harness.engine import PROVENANCE, Engine, EvalRequest
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig, build_items
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
     _tampered_news(env)
     try:
@@ -205,8 +205,8 @@ def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
 
 
 def corpora_list_with_a_package_missing(env: Env) -> str:
-    import harness.corpora as corpora
-    from harness import cli
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness import cli
 
     def not_installed():
         raise corpora.MissingSourceError("the source package 'shakespeare_texts' is not installed; install it with: pip ...")
@@ -227,7 +227,7 @@ def corpora_list_with_a_package_missing(env: Env) -> str:
 
 
 def sweep_with_a_missing_model_folder(env: Env) -> str:
-    from harness.sweep import run_sweep
+    from jtc_lens.harness.sweep import run_sweep
 
     code = run_sweep([str(env.tmp / "no-such-model"), "./also/not/here"], "jtc_id_news", env.tmp / "out", {}, [], site=None)
     err = env.capsys.readouterr().err
@@ -236,7 +236,7 @@ def sweep_with_a_missing_model_folder(env: Env) -> str:
 
 
 def sweep_with_an_uncached_hub_name_offline(env: Env) -> str:
-    from harness.sweep import run_sweep
+    from jtc_lens.harness.sweep import run_sweep
 
     env.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     env.monkeypatch.setenv("HF_HOME", str(env.tmp / "hf"))
@@ -251,7 +251,7 @@ def sweep_with_an_uncached_hub_name_offline(env: Env) -> str:
 
 def _build(env: Env, *folders: Path) -> tuple[str, dict]:
     """Build the site; return every page's text joined, and comparisons.json."""
-    from leaderboard.build import build_site
+    from jtc_lens.leaderboard.build import build_site
 
     out = env.tmp / "site"
     build_site(list(folders), out, resamples=200, stream=io.StringIO())
@@ -337,7 +337,7 @@ def hostile_strings_in_results(env: Env) -> str:
 
 
 def rebuild_into_a_used_folder(env: Env) -> str:
-    from leaderboard.build import build_site
+    from jtc_lens.leaderboard.build import build_site
 
     out = env.tmp / "site"
     first = fake_runs.write_run(env.tmp / "a", [("id", "news", None)], model_id="modelaaaa", model_name="model-a")

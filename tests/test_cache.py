@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import tiny
-from harness import store
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.projectors import cache
-from harness.protocols import ProtocolConfig
+from jtc_lens.harness import store
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import cache
+from jtc_lens.harness.protocols import ProtocolConfig
 
 SPEC = FitSpec("news", ProtocolConfig("paper", seed=5), n_fit=60, pairs="last")
 
@@ -122,8 +122,8 @@ def test_changed_block_weights_are_refitted_not_taken_from_the_cache():
 
 
 def test_changed_block_weights_retrain_the_tuned_lens():
-    from harness.fitting import TunedSpec, get_tuned
-    from harness.tuned_training import TunedRecipe
+    from jtc_lens.harness.fitting import TunedSpec, get_tuned
+    from jtc_lens.harness.tuned_training import TunedRecipe
 
     model, tok = tiny.build("llama")
     lens = build_lens_model(model, tok)

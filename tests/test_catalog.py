@@ -1,7 +1,7 @@
 import json
 
-from harness import cli
-from harness.corpora import catalog, pins
+from jtc_lens.harness import cli
+from jtc_lens.harness.corpora import catalog, pins
 
 
 def test_verify_accepts_pinned_sources_and_rejects_changed_ones(monkeypatch, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.corpora import MissingSourceError, code, dialogue, fiction, get_corpus, names, speeches, technical
+from jtc_lens.harness.corpora import MissingSourceError, code, dialogue, fiction, get_corpus, names, speeches, technical
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -2,10 +2,10 @@ import importlib.util
 
 import pytest
 
-from harness.corpora import MissingSourceError, get_corpus, news, split_documents, wikipedia
-from harness.corpora.sentences import split_sentences
-from harness.encoding import ItemError, encode
-from harness.protocols import ProtocolConfig, build_items, scored_positions
+from jtc_lens.harness.corpora import MissingSourceError, get_corpus, news, split_documents, wikipedia
+from jtc_lens.harness.corpora.sentences import split_sentences
+from jtc_lens.harness.encoding import ItemError, encode
+from jtc_lens.harness.protocols import ProtocolConfig, build_items, scored_positions
 
 import tiny
 
@@ -72,7 +72,7 @@ def test_scored_positions_per_protocol():
 
 
 def test_encoding_cuts_causal_input_and_masks_for_bert():
-    from harness.protocols import Item
+    from jtc_lens.harness.protocols import Item
 
     item = Item("x#s0", "the model reads hidden states layer by layer", 0.5)
     tok = tiny.tokenizer()

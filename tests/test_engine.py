@@ -3,12 +3,12 @@ import math
 import pytest
 
 import tiny
-from harness.corpora import get_corpus
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.metrics import LENS_METRICS
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.metrics import LENS_METRICS
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 
 def _requests(protocol, n_items=10, n_fit=80, fit_on="wikipedia", projectors=("id", "mat", "affine")):
@@ -90,8 +90,8 @@ def test_bad_requests_are_rejected():
 def test_sliced_scoring_equals_the_metrics_of_the_whole_readout(arch, monkeypatch):
     import torch
 
-    from harness import engine as engine_module
-    from harness.metrics import lens_metrics
+    from jtc_lens.harness import engine as engine_module
+    from jtc_lens.harness.metrics import lens_metrics
 
     lens = build_lens_model(*tiny.build(arch))
     gen = torch.Generator().manual_seed(5)
@@ -123,7 +123,7 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
 
 
 def test_every_metric_is_also_reported_without_the_items_at_position_0():
-    from harness.protocols import Item
+    from jtc_lens.harness.protocols import Item
 
     lens = build_lens_model(*tiny.build("llama"))
     protocol = ProtocolConfig("paper", seed=3)
@@ -159,8 +159,8 @@ def test_every_metric_is_also_reported_without_the_items_at_position_0():
 
 
 def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entropy():
-    from harness.encoding import encode
-    from harness.protocols import NO_TARGET, Item
+    from jtc_lens.harness.encoding import encode
+    from jtc_lens.harness.protocols import NO_TARGET, Item
 
     lens = build_lens_model(*tiny.build("gpt2"))
     tok = lens.tokenizer

@@ -40,9 +40,10 @@ def install_copy(dest: Path) -> Path:
         return dest
     layout = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in layout["packages"]:
-        shutil.copytree(ROOT / package, dest / package, ignore=ignore)
+    for source, target in layout["sources"].items():  # folders mapped under the import root
+        shutil.copytree(ROOT / source, dest / target, ignore=ignore)
     for source, target in layout.get("force-include", {}).items():
+        (dest / target).parent.mkdir(parents=True, exist_ok=True)
         if (ROOT / source).is_dir():
             shutil.copytree(ROOT / source, dest / target, ignore=ignore)
         else:
@@ -62,7 +63,7 @@ import importlib.util, json
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import harness
+from jtc_lens import harness
 out = {"harness": harness.__file__}
 
 # lm_eval.tasks: find the module part of the value without loading it, index its package folder
@@ -121,7 +122,7 @@ def test_entry_points_load_as_lm_eval_loads_them(tmp_path, tiny_model_dir):
 
 
 def test_task_folder_is_not_added_twice_when_lm_eval_indexes_it():
-    from harness.lmeval import registration
+    from jtc_lens.harness.lmeval import registration
 
     class FakeTaskManager:
         def __init__(self, include_path=None):

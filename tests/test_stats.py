@@ -14,8 +14,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from harness import stats
-from harness.stats import (
+from jtc_lens.harness import stats
+from jtc_lens.harness.stats import (
     LayerComparison,
     compare,
     holm,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from harness.sweep import RECORD, finished_run
+from jtc_lens.harness.sweep import RECORD, finished_run
 from installed import installed_package_dir
 
 

@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 import tiny
-from harness.engine import PROVENANCE, Engine, EvalRequest
-from harness.fitting import TunedSpec, get_tuned
-from harness.models import build_lens_model
-from harness.projectors import IdentityProjector
-from harness.projectors.tuned import TunedProjector, export_tuned_lens, import_tuned_lens
-from harness.corpora import get_corpus
-from harness.protocols import ProtocolConfig, build_items
-from harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
+from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.fitting import TunedSpec, get_tuned
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import IdentityProjector
+from jtc_lens.harness.projectors.tuned import TunedProjector, export_tuned_lens, import_tuned_lens
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
 
 SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
 
@@ -130,7 +130,7 @@ def test_tuned_projector_through_the_engine_and_cache():
     assert config["cache"] == "miss" and "stopped_early" in config
     _, info = get_tuned(lens, spec)
     assert info["cache"] == "hit"
-    from harness.store import cache_root
+    from jtc_lens.harness.store import cache_root
 
     leftover = cache_root() / "tuned-checkpoints"
     assert not leftover.exists() or not any(leftover.iterdir())  # the entry replaced the training checkpoint

@@ -11,11 +11,11 @@ lm-eval 0.4.13 turns on data parallelism only when it counts more than one GPU, 
 (gloo), the patched model takes accelerate's rank and world size, as it would on GPUs.
 
 Entry points (pyproject.toml), for lm-eval releases with plugin discovery:
-- ``lm_eval.tasks``: ``jtc = "harness.tasks"``. lm-eval does not load the value; it finds the module part
+- ``lm_eval.tasks``: ``jtc = "jtc_lens.tasks"``. lm-eval does not load the value; it finds the module part
   (``importlib.util.find_spec``) and indexes the package's folder, where the wheel puts the task YAMLs
   (EleutherAI/lm-evaluation-harness#4015). When lm-eval indexes that folder itself, the patch above
   does not add it a second time.
-- ``lm_eval.models``: ``jtc-hf = "harness.lmeval.model:JTCHFLM"``, an ``LM`` subclass, which lm-eval
+- ``lm_eval.models``: ``jtc-hf = "jtc_lens.harness.lmeval.model:JTCHFLM"``, an ``LM`` subclass, which lm-eval
   loads by ``EntryPoint.load()`` and builds with ``create_from_arg_string`` (#4013).
 """
 
