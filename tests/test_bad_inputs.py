@@ -186,7 +186,7 @@ def _tampered_news(env: Env, changed_file: str = "bbcnews/data/business/001.txt"
 
 def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
     import jtc_lens.harness.corpora as corpora
-    from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+    from jtc_lens.harness.engine import Engine, EvalRequest
     from jtc_lens.harness.models import build_lens_model
     from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
@@ -197,7 +197,7 @@ def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
             its = build_items(corpora.get_corpus("news"), "validation", protocol, limit=3)
             responses = Engine(build_lens_model(*tiny.build("gpt2")), batch_size=4).run(
                 [EvalRequest("id", "news", "validation", protocol, it) for it in its])
-        pin = PROVENANCE[responses[0]["provenance"]]["corpus_pin"]
+        pin = responses[0]["provenance"]["corpus_pin"]
         assert pin["status"] == "differs" and pin["differences"]["changed"]["files"] == ["bbcnews/data/business/001.txt"]
         return env.caplog.text
     finally:

@@ -4,7 +4,7 @@ import pytest
 
 import tiny
 from jtc_lens.harness.corpora import get_corpus
-from jtc_lens.harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
 from jtc_lens.harness.metrics import LENS_METRICS
 from jtc_lens.harness.fitting import FitSpec, get_least_squares
 from jtc_lens.harness.models import build_lens_model
@@ -35,12 +35,12 @@ def test_every_architecture_end_to_end(arch):
             else:  # r^2: per layer only, no layer mean
                 assert m not in resp
         assert resp["n_positions"] == 1
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["model"]["unembed_sha256"] and len(prov["corpus_sha256"]) == 64
         assert prov["protocol"] == {"name": "paper", "seed": 3} and prov["seed"] == 3
         assert prov["versions"]["torch"] and prov["items"] == 10
     mat = [r for r, q in zip(responses, requests) if q.projector == "mat"]
-    assert PROVENANCE[mat[0]["provenance"]]["projector_config"]["fit_positions"] == 80
+    assert mat[0]["provenance"]["projector_config"]["fit_positions"] == 80
 
 
 def test_one_forward_pass_per_item_serves_all_projectors():
@@ -72,9 +72,9 @@ def test_transfer_fits_on_the_named_distribution():
     protocol = ProtocolConfig("paper", seed=2)
     requests = _requests(protocol, n_items=5, fit_on="news", projectors=("mat",))
     responses = Engine(lens, batch_size=4).run(requests)
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    config = responses[0]["provenance"]["projector_config"]
     assert config["fit_on"] == "news" and config["fit_corpus_sha256"] == get_corpus("news").source_hash
-    assert PROVENANCE[responses[0]["provenance"]]["distribution"] == "wikipedia"
+    assert responses[0]["provenance"]["distribution"] == "wikipedia"
 
 
 def test_bad_requests_are_rejected():
@@ -119,7 +119,7 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
     requests = _requests(ProtocolConfig("paper", seed=3), n_items=6, n_fit=60)
     responses = Engine(lens, batch_size=4).run(requests)
     assert all(math.isfinite(r[f"{m}.L0"]) for r in responses for m in METRICS)
-    assert PROVENANCE[responses[0]["provenance"]]["dtype"] == "bfloat16"
+    assert responses[0]["provenance"]["dtype"] == "bfloat16"
 
 
 def test_every_metric_is_also_reported_without_the_items_at_position_0():
@@ -143,7 +143,7 @@ def test_every_metric_is_also_reported_without_the_items_at_position_0():
     everything, alone = run(items), run(rest)
     L = lens.num_layers
     for projector in ("id", "mat"):
-        prov = PROVENANCE[everything[projector][0]["provenance"]]
+        prov = everything[projector][0]["provenance"]
         assert prov["items_at_position_0"] == 4 and prov["items_at_position_0_ids"] == at0
         assert sorted(q.item_id for q, r in zip(items, everything[projector]) if r["position"] == 0) == at0
         without = prov["without_position_0"]
@@ -179,7 +179,7 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
     responses = Engine(lens, batch_size=3).run(requests)
     L = lens.num_layers
     for req, resp in zip(requests, responses):
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["position_draw"] == "all" and prov["protocol"]["position_draw"] == "all"
         assert prov["items_without_next_token"] == last and prov["items"] == 8
         # every lens metric but cross-entropy; cross-entropy missing, not 0
@@ -188,3 +188,24 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
             assert not any(k.split(".")[0] == "xent" for k in resp)
         else:
             assert all(math.isfinite(resp[f"xent.L{l}"]) for l in range(L)) and resp["xent"] > 0
+
+
+def test_provenance_rides_on_the_response():
+    """The record of how an item was scored travels with its response (no process-wide registry)."""
+    import json
+    from types import SimpleNamespace
+
+    from jtc_lens.harness.lmeval.handler import jtc_lens
+
+    model, tok = tiny.build("llama")
+    protocol = ProtocolConfig("paper", seed=2)
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=4)
+    spec = {"projector": "id", "distribution": "wikipedia", "split": "validation",
+            "protocol": {"name": "paper", "seed": 2, "chunk_len": 128, "stride": None}, "batch_size": 4}
+    requests = [SimpleNamespace(args=(it.text, json.dumps({**spec, "item_id": it.item_id, "u": it.u}))) for it in items]
+    responses = jtc_lens(SimpleNamespace(model=model, tokenizer=tok), requests)
+    assert len(responses) == 4 and all("provenance" not in r.values for r in responses)
+    record = responses[0].provenance
+    assert record["distribution"] == "wikipedia" and record["items"] == 4 and len(record["record_id"]) == 16
+    assert all(r.provenance is record for r in responses)  # one record per set and projector, shared
+    assert record["record_id"] in str(responses[1])

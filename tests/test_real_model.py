@@ -8,7 +8,7 @@ import torch
 
 from jtc_lens.harness import bundled
 from jtc_lens.harness.corpora import get_corpus
-from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.engine import Engine, EvalRequest
 from jtc_lens.harness.fitting import FitSpec
 from jtc_lens.harness.models import build_lens_model
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
@@ -82,5 +82,5 @@ def test_smollm2_lens_end_to_end(smollm2):
     assert mean("mat", "r2") > mean("id", "r2")
     assert mean("mat", "kl") < mean("id", "kl")
     assert all(math.isfinite(r["kl"]) for r in responses)
-    prov = PROVENANCE[by["mat"][0]["provenance"]]
+    prov = by["mat"][0]["provenance"]
     assert prov["model_record"]["gguf_sha256"] == bundled.get("smollm2-135m").sha256

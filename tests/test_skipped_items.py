@@ -12,7 +12,7 @@ import pytest
 import tiny
 from jtc_lens.harness.corpora import get_corpus
 from jtc_lens.harness.encoding import ItemError, TooShort, encode
-from jtc_lens.harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
 from jtc_lens.harness.fitting import FitSpec, get_least_squares
 from jtc_lens.harness.models import build_lens_model
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
@@ -59,7 +59,7 @@ def test_short_items_are_skipped_in_the_fit_and_the_evaluation(tmp_path):
     responses = Engine(lens, batch_size=4).run(requests)
     assert len(responses) == len(requests)  # one response per request, scored or not
     for req, resp in zip(requests, responses):
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["items_skipped"] == {"too_short": short_eval, "nonfinite": []}
         assert prov["items"] == len(items) - len(short_eval)
         if req.item.item_id in short_eval:

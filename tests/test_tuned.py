@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import tiny
-from jtc_lens.harness.engine import PROVENANCE, Engine, EvalRequest
+from jtc_lens.harness.engine import Engine, EvalRequest
 from jtc_lens.harness.fitting import TunedSpec, get_tuned
 from jtc_lens.harness.models import build_lens_model
 from jtc_lens.harness.projectors import IdentityProjector
@@ -125,7 +125,7 @@ def test_tuned_projector_through_the_engine_and_cache():
     spec = TunedSpec("wikipedia", TunedRecipe("warm", token_budget=256 + 64 * 2, **SMALL))
     items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=6)
     responses = Engine(lens, batch_size=4).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    config = responses[0]["provenance"]["projector_config"]
     assert config["name"] == "tuned" and config["recipe"]["name"] == "warm" and config["tokens_spent"] == 384
     assert config["cache"] == "miss" and "stopped_early" in config
     _, info = get_tuned(lens, spec)
@@ -145,6 +145,6 @@ def test_a_published_lens_is_evaluated_without_training(tmp_path):
     spec = TunedSpec("wikipedia", TunedRecipe("tuned-lens", token_budget=64, **SMALL), import_from=str(tmp_path / "published"))
     items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=3)
     responses = Engine(lens).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    config = responses[0]["provenance"]["projector_config"]
     assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
     assert "tokens_spent" not in config
