@@ -10,6 +10,7 @@ from jtc_lens.harness.protocols import ProtocolConfig, build_items, scored_posit
 import tiny
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("name, min_docs", [("wikipedia", 100), ("news", 2000)])
 def test_bundled_corpus_loads_cleanly_with_hashes(name, min_docs):
     corpus = get_corpus(name)
@@ -21,12 +22,14 @@ def test_bundled_corpus_loads_cleanly_with_hashes(name, min_docs):
     assert len(corpus.source_hash) == 64
 
 
+@pytest.mark.realdata
 def test_wikipedia_drops_redirects_and_trailing_sections():
     corpus = get_corpus("wikipedia")
     assert not any(d.text.upper().startswith("#REDIRECT") for d in corpus.documents)
     assert not any("\nExternal links\n" in d.text or "\nReferences\n" in d.text for d in corpus.documents)
 
 
+@pytest.mark.realdata
 def test_splits_are_disjoint_complete_and_deterministic():
     docs = get_corpus("news").documents
     a = split_documents(docs, seed=1)
@@ -39,6 +42,7 @@ def test_splits_are_disjoint_complete_and_deterministic():
     assert len(ids["train"] | ids["validation"] | ids["test"]) == len(docs)
 
 
+@pytest.mark.realdata
 def test_items_are_deterministic_and_a_prefix_under_limit():
     corpus = get_corpus("wikipedia")
     p = ProtocolConfig("paper", seed=7)

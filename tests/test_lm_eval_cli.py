@@ -32,6 +32,7 @@ def _env(tmp_path):
     return env
 
 
+@pytest.mark.realdata
 def test_lm_eval_runs_every_jtc_task_without_include_path(lm_eval_bin, tmp_path):
     from jtc_lens.harness.corpora import MissingSourceError, get_corpus, names
 

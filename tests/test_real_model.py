@@ -35,6 +35,7 @@ def _installed(name):
         return False
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("name", sorted(bundled.MODELS))
 def test_prepared_folder_matches_the_gguf(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +66,7 @@ def test_unknown_or_missing_models_get_clear_errors(monkeypatch):
         bundled.gguf_file(bundled.get("qwen2.5-coder-0.5b"))
 
 
+@pytest.mark.realdata
 @needs_smollm2
 def test_smollm2_lens_end_to_end(smollm2):
     folder, model, tok = smollm2
