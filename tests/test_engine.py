@@ -3,6 +3,7 @@ import math
 import pytest
 
 import tiny
+from fixture_corpus import fixture_distribution
 from jtc_lens.harness.corpora import get_corpus
 from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
 from jtc_lens.harness.metrics import LENS_METRICS
@@ -10,11 +11,14 @@ from jtc_lens.harness.fitting import FitSpec, get_least_squares
 from jtc_lens.harness.models import build_lens_model
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
+DIST = fixture_distribution()  # the synthetic corpus: the engine is under test, not the data
+OTHER = fixture_distribution(seed=1)  # a second one, to fit on for a transfer
 
-def _requests(protocol, n_items=10, n_fit=80, fit_on="wikipedia", projectors=("id", "mat", "affine")):
-    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=n_items)
+
+def _requests(protocol, n_items=10, n_fit=80, fit_on=DIST, projectors=("id", "mat", "affine")):
+    items = build_items(get_corpus(DIST), "validation", protocol, limit=n_items)
     fit = FitSpec(fit_on, protocol, n_fit)
-    return [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit) for p in projectors for it in items]
+    return [EvalRequest(p, DIST, "validation", protocol, it, None if p == "id" else fit) for p in projectors for it in items]
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -70,20 +74,20 @@ def test_dense_protocol_scores_every_position():
 def test_transfer_fits_on_the_named_distribution():
     lens = build_lens_model(*tiny.build("gpt2"))
     protocol = ProtocolConfig("paper", seed=2)
-    requests = _requests(protocol, n_items=5, fit_on="news", projectors=("mat",))
+    requests = _requests(protocol, n_items=5, fit_on=OTHER, projectors=("mat",))
     responses = Engine(lens, batch_size=4).run(requests)
     config = responses[0]["provenance"]["projector_config"]
-    assert config["fit_on"] == "news" and config["fit_corpus_sha256"] == get_corpus("news").source_hash
-    assert responses[0]["provenance"]["distribution"] == "wikipedia"
+    assert config["fit_on"] == OTHER and config["fit_corpus_sha256"] == get_corpus(OTHER).source_hash != get_corpus(DIST).source_hash
+    assert responses[0]["provenance"]["distribution"] == DIST
 
 
 def test_bad_requests_are_rejected():
     protocol = ProtocolConfig("paper")
-    item = build_items(get_corpus("wikipedia"), "validation", protocol, limit=1)[0]
+    item = build_items(get_corpus(DIST), "validation", protocol, limit=1)[0]
     with pytest.raises(ValueError, match="unknown projector"):
-        EvalRequest("logit", "wikipedia", "validation", protocol, item)
+        EvalRequest("logit", DIST, "validation", protocol, item)
     with pytest.raises(ValueError, match="needs"):
-        EvalRequest("mat", "wikipedia", "validation", protocol, item)
+        EvalRequest("mat", DIST, "validation", protocol, item)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "bert"])
@@ -123,19 +127,23 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
 
 
 def test_every_metric_is_also_reported_without_the_items_at_position_0():
+    from jtc_lens.harness.encoding import encode
     from jtc_lens.harness.protocols import Item
 
     lens = build_lens_model(*tiny.build("llama"))
     protocol = ProtocolConfig("paper", seed=3)
-    drawn = build_items(get_corpus("wikipedia"), "validation", protocol, limit=10)
+    # ten items whose own draw is past position 0, so that only the planted ones are there
+    drawn = [it for it in build_items(get_corpus(DIST), "validation", protocol, limit=30)
+             if encode(it, lens.tokenizer, protocol, False).positions != [0]][:10]
+    assert len(drawn) == 10
     # four items planted at position 0 (u = 0: a one-token input, as without BOS)
     items = [Item(it.item_id, it.text, 0.0 if k % 3 == 0 else it.u) for k, it in enumerate(drawn)]
     at0 = sorted(it.item_id for k, it in enumerate(items) if k % 3 == 0)
     rest = [it for it in items if it.item_id not in at0]
-    fit = FitSpec("wikipedia", protocol, 80)
+    fit = FitSpec(DIST, protocol, 80)
 
     def run(chosen):
-        requests = [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit)
+        requests = [EvalRequest(p, DIST, "validation", protocol, it, None if p == "id" else fit)
                     for p in ("id", "mat") for it in chosen]
         responses = Engine(lens, batch_size=4).run(requests)
         return {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
@@ -165,7 +173,7 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
     lens = build_lens_model(*tiny.build("gpt2"))
     tok = lens.tokenizer
     every = ProtocolConfig("paper", seed=3, position_draw="all")
-    drawn = build_items(get_corpus("wikipedia"), "validation", every, limit=8)
+    drawn = build_items(get_corpus(DIST), "validation", every, limit=8)
     # three items drawn at their last token (u just below 1), the others as drawn
     items = [Item(it.item_id, it.text, 0.999999 if k < 3 else it.u) for k, it in enumerate(drawn)]
     last = sorted(it.item_id for it in items[:3])
@@ -174,8 +182,8 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
     assert encode(items[0], tok, ProtocolConfig("paper", seed=3), False).positions == [n - 2]  # the default draw
     with pytest.raises(ValueError, match="paper protocol"):
         ProtocolConfig("dense", position_draw="all")
-    fit = FitSpec("wikipedia", every, 60)
-    requests = [EvalRequest(p, "wikipedia", "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
+    fit = FitSpec(DIST, every, 60)
+    requests = [EvalRequest(p, DIST, "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
     responses = Engine(lens, batch_size=3).run(requests)
     L = lens.num_layers
     for req, resp in zip(requests, responses):
@@ -199,13 +207,13 @@ def test_provenance_rides_on_the_response():
 
     model, tok = tiny.build("llama")
     protocol = ProtocolConfig("paper", seed=2)
-    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=4)
-    spec = {"projector": "id", "distribution": "wikipedia", "split": "validation",
+    items = build_items(get_corpus(DIST), "validation", protocol, limit=4)
+    spec = {"projector": "id", "distribution": DIST, "split": "validation",
             "protocol": {"name": "paper", "seed": 2, "chunk_len": 128, "stride": None}, "batch_size": 4}
     requests = [SimpleNamespace(args=(it.text, json.dumps({**spec, "item_id": it.item_id, "u": it.u}))) for it in items]
     responses = jtc_lens(SimpleNamespace(model=model, tokenizer=tok), requests)
     assert len(responses) == 4 and all("provenance" not in r.values for r in responses)
     record = responses[0].provenance
-    assert record["distribution"] == "wikipedia" and record["items"] == 4 and len(record["record_id"]) == 16
+    assert record["distribution"] == DIST and record["items"] == 4 and len(record["record_id"]) == 16
     assert all(r.provenance is record for r in responses)  # one record per set and projector, shared
     assert record["record_id"] in str(responses[1])

@@ -170,14 +170,15 @@ def test_fit_positions_below_ten_per_dimension_are_warned_about():
 
 def test_auto_ridge_end_to_end_is_recorded_and_keyed_in_the_cache():
     import tiny
+    from fixture_corpus import fixture_distribution
     from jtc_lens.harness.fitting import FitSpec, get_least_squares
     from jtc_lens.harness.models import build_lens_model
     from jtc_lens.harness.protocols import ProtocolConfig
 
     lens = build_lens_model(*tiny.build("llama"))
     protocol = ProtocolConfig("paper", seed=5)
-    plain = get_least_squares(lens, FitSpec("wikipedia", protocol, 40), batch_size=8)
-    auto = get_least_squares(lens, FitSpec("wikipedia", protocol, 40, ridge="auto"), batch_size=8)
+    plain = get_least_squares(lens, FitSpec(fixture_distribution(), protocol, 40), batch_size=8)
+    auto = get_least_squares(lens, FitSpec(fixture_distribution(), protocol, 40, ridge="auto"), batch_size=8)
     assert auto.info["cache"] == "miss"  # another ridge is another cache entry
     assert plain.info["ridge"] == 0.0 and auto.info["ridge"] == "auto" and auto.info["held_out_items"] == 8
     for name in ("mat", "affine"):
