@@ -21,7 +21,8 @@ from jtc_lens.harness.cli import main as jtc
 from jtc_lens.harness.stats import compare
 from jtc_lens.leaderboard.build import N_RESAMPLES, build_site, fmt
 
-pytestmark = pytest.mark.slow
+# realdata: the shared lm_eval run reads the bundled news and wikipedia corpora (two distributions in one run)
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 # lm-eval accepts this folder name; a name cannot hold "/", so the closing tag is injected afterwards (see results_tree).
 MODEL_DIR_NAME = "tiny-<script>alert(1)"
