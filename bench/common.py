@@ -11,10 +11,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from harness import bundled  # noqa: E402
-from harness.corpora import get_corpus  # noqa: E402
-from harness.models import build_lens_model  # noqa: E402
-from harness.provenance import model_record, versions  # noqa: E402
+from jtc_lens.harness import bundled  # noqa: E402
+from jtc_lens.harness.corpora import get_corpus  # noqa: E402
+from jtc_lens.harness.models import build_lens_model  # noqa: E402
+from jtc_lens.harness.provenance import model_record, versions  # noqa: E402
 
 
 def model_folder(name: str) -> str:

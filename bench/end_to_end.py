@@ -24,9 +24,9 @@ from pathlib import Path
 import common
 import torch
 
-from harness.corpora import get_corpus, names
-from harness.encoding import batches, encode
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus, names
+from jtc_lens.harness.encoding import batches, encode
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 
 def lm_eval(folder: str, metadata: dict, out: Path, cache: Path) -> tuple[float, dict]:

@@ -19,10 +19,10 @@ import torch
 from sklearn.linear_model import LinearRegression
 from tqdm.auto import tqdm
 
-from harness.corpora import get_corpus
-from harness.encoding import batches, encode
-from harness.projectors import GramAccumulator, fit_least_squares
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import batches, encode
+from jtc_lens.harness.projectors import GramAccumulator, fit_least_squares
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 
 def main() -> int:

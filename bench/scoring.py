@@ -16,12 +16,12 @@ import time
 import common  # noqa: F401  (sets the offline environment first)
 import torch
 
-from harness.corpora import get_corpus
-from harness.encoding import batches, encode
-from harness import engine as engine_module
-from harness.engine import Engine
-from harness.fitting import FitSpec, get_least_squares
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import batches, encode
+from jtc_lens.harness import engine as engine_module
+from jtc_lens.harness.engine import Engine
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 
 def best_of(repeats: int, fn) -> float:

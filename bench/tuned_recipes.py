@@ -22,15 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from harness import bundled  # noqa: E402
-from harness.corpora import get_corpus  # noqa: E402
-from harness.engine import Engine  # noqa: E402
-from harness.fitting import FitSpec, get_least_squares  # noqa: E402
-from harness.models import build_lens_model  # noqa: E402
-from harness.projectors import IdentityProjector  # noqa: E402
-from harness.protocols import ProtocolConfig, build_items  # noqa: E402
-from harness.provenance import versions  # noqa: E402
-from harness.tuned_training import TunedRecipe, TunedTrainer  # noqa: E402
+from jtc_lens.harness import bundled  # noqa: E402
+from jtc_lens.harness.corpora import get_corpus  # noqa: E402
+from jtc_lens.harness.engine import Engine  # noqa: E402
+from jtc_lens.harness.fitting import FitSpec, get_least_squares  # noqa: E402
+from jtc_lens.harness.models import build_lens_model  # noqa: E402
+from jtc_lens.harness.projectors import IdentityProjector  # noqa: E402
+from jtc_lens.harness.protocols import ProtocolConfig, build_items  # noqa: E402
+from jtc_lens.harness.provenance import versions  # noqa: E402
+from jtc_lens.harness.tuned_training import TunedRecipe, TunedTrainer  # noqa: E402
 
 
 def main() -> int:

@@ -144,9 +144,10 @@ def _tuned(args) -> int:
 
 
 def _leaderboard(args) -> int:
-    from leaderboard.build import run
+    # the analysis side defines its own options; it is imported only for this command
+    from ..leaderboard.build import main as leaderboard_main
 
-    return run(args)
+    return leaderboard_main(args.argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,14 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned.add_argument("--out", required=True, help="folder for config.json and params.pt")
     options.add_flags(tuned, TUNED_EXPORT_OPTIONS, typed=True)
     tuned.set_defaults(func=_tuned)
-    leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results")
-    leaderboard.add_argument("results", nargs="+", help="folders holding results_*.json (searched recursively) or the files")
-    leaderboard.add_argument("-o", "--output", required=True, help="folder to write the site to (created if missing)")
-    leaderboard.add_argument("--alpha", type=float, default=0.05, help="family-wise error level of the Holm-corrected tests")
-    leaderboard.add_argument("--resamples", type=int, default=2000, help="bootstrap and permutation resamples per layer")
-    leaderboard.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    leaderboard.add_argument("--without-position-0", action="store_true",
-                             help="run the paired tests on the items not scored at position 0 (a one-token input without BOS)")
+    leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results; "
+                                 "jtc leaderboard --help for its options", add_help=False, prefix_chars="\0")
+    leaderboard.add_argument("argv", nargs=argparse.REMAINDER)  # every argument goes to leaderboard.build
     leaderboard.set_defaults(func=_leaderboard)
     args = parser.parse_args(argv)
     try:

@@ -63,10 +63,6 @@ class EvalRequest:
         return (self.distribution, self.split, self.protocol)
 
 
-# Provenance records of finished evaluations, by id; responses carry only the id.
-PROVENANCE: dict[str, dict] = {}
-
-
 class Engine:
     """Scores requests on one model. Under data parallelism (``group`` of several processes) each process
     gets its own share of the requests; projectors are fitted on all fit data together, and everything
@@ -82,6 +78,8 @@ class Engine:
         self.fingerprint = lens.fingerprint()
 
     def run(self, requests: list[EvalRequest]) -> list[dict]:
+        """One dict per request: the item's metric values, and under "provenance" the record of how they were
+        obtained (one record object shared by every item of the same evaluation set and projector)."""
         start = time.perf_counter()
         by_group: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
@@ -106,12 +104,14 @@ class Engine:
         resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size,
                      "run_seconds": round(time.perf_counter() - start, 2), "run_requests": len(requests)}
         responses: list[dict | None] = [None] * len(requests)
+        records: dict[tuple, dict] = {}  # one provenance record per evaluation set and projector, shared by its items
         for i, r in enumerate(requests):
             per_item, prov = results[r.group_key][r.projector_key]
-            prov_full = {**prov, **resources, "projector_config": self._projector_config(r, fit_info)}
-            prov_id = sha256_json(prov_full)[:16]
-            PROVENANCE[prov_id] = prov_full
-            responses[i] = {**per_item[r.item.item_id], "provenance": prov_id}
+            key = (r.group_key, r.projector_key)
+            if key not in records:
+                record = {**prov, **resources, "projector_config": self._projector_config(r, fit_info)}
+                records[key] = {**record, "record_id": sha256_json(record)[:16]}
+            responses[i] = {**per_item[r.item.item_id], "provenance": records[key]}
         log.info("jtc: %d requests scored in %.1f s; peak memory %s", len(requests), time.perf_counter() - start,
                  resources["peak_memory"])
         return responses  # type: ignore[return-value]

@@ -19,6 +19,9 @@ LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
 # in [0, 1], so a layer mean says nothing about the other layers.
 R2_METRICS = ("r2", "r2w")
 NATS_PER_BIT = math.log(2.0)
+# Direction of every per-layer metric (None: neither); lm-eval reports it, the leaderboard says which projector is better by it.
+HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
+                    "entropy": None, "r2": True, "r2w": True}
 
 
 @dataclass(frozen=True)

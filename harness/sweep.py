@@ -135,13 +135,11 @@ def summarise(results_file: Path) -> list[str]:
 
 
 def build_leaderboard(output_path: Path, site: Path) -> int:
-    import argparse
-
-    from leaderboard.build import run
+    # the analysis side, imported only here at the end of a sweep; it never imports the sweep
+    from ..leaderboard.build import build_site, exit_status
 
     print(f"[jtc sweep] building the leaderboard in {site}", flush=True)
-    return run(argparse.Namespace(results=[str(output_path)], output=str(site), alpha=0.05, resamples=2000, seed=0,
-                                  without_position_0=False))
+    return exit_status(build_site([output_path], site))
 
 
 def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str],

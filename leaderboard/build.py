@@ -16,12 +16,16 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from ..harness.store import atomic_write_bytes
+
 from . import read, svg, tables
 from .read import Problem
 
 TEMPLATES = Path(__file__).parent / "templates"
-ALPHA = 0.05
+# The defaults of a build, for the jtc leaderboard command and the sweep alike
+ALPHA = 0.05  # family-wise error level of the Holm-corrected tests
 N_RESAMPLES = 2000  # keeps a build to seconds; deep families get more (tables.resamples_for)
+SEED = 0  # seed of the resampling
 CHARTS = (
     ("p@1", "P@1", False, (0.0, 1.0),
      "Share of items where the projector's top token is the model's own top-1 prediction (higher is better)."),
@@ -188,19 +192,20 @@ def stale_pages(out: Path, written: list[Path]) -> list[Path]:
     return stale
 
 
-def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
-               seed: int = 0, stream=None, without_position_0: bool = False) -> BuildResult:
-    """Build the site from lm-eval output folders; problems become warnings (stderr and index), not failures.
-    ``without_position_0``: the paired tests leave out the items scored at position 0."""
+def build_site(results: list[str | Path], output: str | Path, alpha: float = ALPHA, resamples: int = N_RESAMPLES,
+               seed: int = SEED, stream=None, without_position_0: bool = False) -> BuildResult:
+    """Build the site in ``output`` from lm-eval output folders (or results files) ``results``; problems
+    become warnings (stderr and index), not failures. ``without_position_0``: the paired tests leave out the
+    items scored at position 0."""
     start = time.perf_counter()
     stream = sys.stderr if stream is None else stream
-    out = Path(out_dir)
-    loaded = read.load(paths)
+    out = Path(output)
+    loaded = read.load(results)
     warnings = list(loaded.warnings)
     all_models = tables.models(loaded.tasks)
     cache = read.SampleCache()
     env = environment()
-    common = {"alpha": alpha, "n_resamples": n_resamples, "models": all_models, "without_position_0": without_position_0,
+    common = {"alpha": alpha, "n_resamples": resamples, "models": all_models, "without_position_0": without_position_0,
               "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     families_out = []
@@ -211,7 +216,7 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
             tasks = m.in_distribution(dist)
             if not tasks:
                 continue  # only transfer runs here; they are on the transfer page
-            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+            fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed,
                                       without_position_0=without_position_0)
             for f in fams:
                 families_out.append(_family_data(f))
@@ -225,7 +230,7 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
             })
         model_pages.append((m, sections))
 
-    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
+    transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
                                  without_position_0=without_position_0)
     transfer_views = []
     for tr in transfers:
@@ -243,8 +248,9 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
     pages = []
 
     def write(name: str, template: str, **ctx) -> None:
+        # atomically: a build stopped at any point leaves every page whole, the old one or the new one
         path = out / name
-        path.write_text(env.get_template(template).render(page=name, **common, **ctx), encoding="utf-8")
+        atomic_write_bytes(path, env.get_template(template).render(page=name, **common, **ctx).encode("utf-8"))
         pages.append(path)
 
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
@@ -254,19 +260,18 @@ def build_site(paths: list[str | Path], out_dir: str | Path, *, alpha: float = A
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)
-    data = {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "without_position_0": without_position_0,
+    data = {"alpha": alpha, "n_resamples": resamples, "seed": seed, "without_position_0": without_position_0,
             "families": families_out,
             "warnings": [{"file": w.file, "message": w.message} for w in warnings]}
-    (out / "comparisons.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    atomic_write_bytes(out / "comparisons.json", json.dumps(data, indent=1).encode("utf-8"))
     for stale in stale_pages(out, pages):
         stale.unlink()
         print(f"jtc leaderboard: removed {stale}, the page of a model no longer in the results", file=stream)
     return BuildResult(out_dir=out, pages=pages, warnings=warnings, seconds=time.perf_counter() - start)
 
 
-def run(args: argparse.Namespace) -> int:
-    result = build_site(args.results, args.output, alpha=args.alpha, n_resamples=args.resamples, seed=args.seed,
-                        without_position_0=getattr(args, "without_position_0", False))
+def exit_status(result: BuildResult) -> int:
+    """Say where the site is; 1 when no run could be shown (the index then lists the problems)."""
     if not any(p.name.startswith("model-") for p in result.pages):
         print("jtc leaderboard: no usable results; the index lists the problems", file=sys.stderr)
         return 1
@@ -275,12 +280,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m leaderboard.build ...``: the same as ``jtc leaderboard ...``, whose parser defines the options."""
-    from harness.cli import main as jtc
+def parser(prog: str = "jtc leaderboard") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Static HTML leaderboard (rankings, charts, paired tests) from lm-eval results.")
+    p.add_argument("results", nargs="+", help="folders holding results_*.json (searched recursively) or the files")
+    p.add_argument("-o", "--output", required=True, help="folder to write the site to (created if missing)")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error level of the Holm-corrected tests (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap and permutation resamples per layer (default %(default)s)")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the resampling (default %(default)s)")
+    p.add_argument("--without-position-0", action="store_true",
+                   help="run the paired tests on the items not scored at position 0 (a one-token input without BOS)")
+    return p
 
-    return jtc(["leaderboard", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
+    """``jtc leaderboard ...`` (harness.cli hands its arguments here) or ``python -m jtc_lens.leaderboard.build ...``."""
+    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed,
+                            without_position_0=args.without_position_0)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"jtc leaderboard: {exc}", file=sys.stderr)
+        return 1
+    return exit_status(result)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jtc_lens.leaderboard.build"))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..harness.options import FITTED
+
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
 OPTIONAL_METRICS = ("p@5", "p@10", "xent", "entropy", "r2w")
@@ -24,7 +26,6 @@ ALL_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2",
 # Per layer only: a layer mean of r^2 is dominated by its worst layer (runs of older versions recorded one; it is not read).
 NO_LAYER_MEAN = ("r2", "r2w")
 NATS = ("surprisal", "kl", "xent", "entropy")  # natural-log metrics, shown in bits
-FITTED = ("mat", "affine", "tuned")
 
 _TASK = re.compile(r"^(?:custom_)?jtc_(?P<projector>[A-Za-z0-9]+)(?:_(?P<distribution>.+))?$")
 _PAIRWISE = re.compile(r"^r2\.L(?P<src>\d+)\.L(?P<dst>\d+),none$")

@@ -163,13 +163,14 @@ def line_chart(
 
     for s in series:
         colour, dash = s.style
-        pts = [(X(x), Y(y)) for x, y in zip(s.xs, s.ys) if y is not None and math.isfinite(y)]
+        # a point without a value is left out; its neighbours keep their own tips (tips go with xs, not with drawn points)
+        pts = [(X(x), Y(y), s.tips[k] if k < len(s.tips) else "")
+               for k, (x, y) in enumerate(zip(s.xs, s.ys)) if y is not None and math.isfinite(y)]
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         out.append(f'<g class="series" data-series="{escape(s.label)}">')
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{s.width}"{dash_attr} '
-                   f'points="{" ".join(f"{_num(a)},{_num(b)}" for a, b in pts)}"/>')
-        for k, (a, b) in enumerate(pts):
-            tip = s.tips[k] if k < len(s.tips) else ""
+                   f'points="{" ".join(f"{_num(a)},{_num(b)}" for a, b, _ in pts)}"/>')
+        for a, b, tip in pts:
             out.append(f'<circle cx="{_num(a)}" cy="{_num(b)}" r="2.2" fill="{colour}" fill-opacity="0.9"><title>{escape(tip)}</title></circle>')
         out.append("</g>")
 

@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from harness.stats import LayerComparison, compare
+from ..harness.metrics import HIGHER_IS_BETTER
+from ..harness.stats import LayerComparison, compare
 
 from .read import NATS, SampleCache, Samples, TaskRun
 
@@ -21,8 +22,6 @@ LN2 = math.log(2.0)
 COMPARED = ("p@1", "surprisal", "kl")  # the charted metrics; each gets its own families
 PAIRS = (("mat", "id"), ("affine", "mat"), ("tuned", "mat"))  # (A, B): the difference is A - B
 PROJECTOR_ORDER = ("id", "mat", "affine", "tuned")
-HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True, "r2w": True}
 TITLES = {"p@1": "P@1", "p@5": "P@5", "p@10": "P@10", "surprisal": "surprisal", "kl": "KL", "xent": "cross-entropy",
           "entropy": "entropy", "r2": "r² (coordinate mean)", "r2w": "r²w (variance-weighted)"}
 

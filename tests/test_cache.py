@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import tiny
-from harness import store
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.projectors import cache
-from harness.protocols import ProtocolConfig
+from fixture_corpus import fixture_distribution
+from jtc_lens.harness import store
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import cache
+from jtc_lens.harness.protocols import ProtocolConfig
 
-SPEC = FitSpec("news", ProtocolConfig("paper", seed=5), n_fit=60, pairs="last")
+SPEC = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=5), n_fit=60, pairs="last")
 
 
 @pytest.fixture()
@@ -38,7 +39,7 @@ def test_hit_returns_the_same_projectors(lens, tmp_path):
 
 def test_mismatched_inputs_are_refitted(lens, tmp_path):
     get_least_squares(lens, SPEC, batch_size=8)
-    other_data = FitSpec("news", ProtocolConfig("paper", seed=5), n_fit=61, pairs="last")
+    other_data = FitSpec(fixture_distribution(), ProtocolConfig("paper", seed=5), n_fit=61, pairs="last")
     assert get_least_squares(lens, other_data, batch_size=8).info["cache"] == "miss"
     other_model = build_lens_model(*tiny.build("qwen2", seed=9))
     assert get_least_squares(other_model, SPEC, batch_size=8).info["cache"] == "miss"
@@ -122,12 +123,12 @@ def test_changed_block_weights_are_refitted_not_taken_from_the_cache():
 
 
 def test_changed_block_weights_retrain_the_tuned_lens():
-    from harness.fitting import TunedSpec, get_tuned
-    from harness.tuned_training import TunedRecipe
+    from jtc_lens.harness.fitting import TunedSpec, get_tuned
+    from jtc_lens.harness.tuned_training import TunedRecipe
 
     model, tok = tiny.build("llama")
     lens = build_lens_model(model, tok)
-    spec = TunedSpec("wikipedia", TunedRecipe("warm", token_budget=256 + 64, chunk_len=32, tokens_per_step=64,
+    spec = TunedSpec(fixture_distribution(), TunedRecipe("warm", token_budget=256 + 64, chunk_len=32, tokens_per_step=64,
                                               warm_fit_tokens=256, seed=3))
     base, info = get_tuned(lens, spec)
     assert info["cache"] == "miss" and get_tuned(lens, spec)[1]["cache"] == "hit"

@@ -1,7 +1,11 @@
 import json
 
-from harness import cli
-from harness.corpora import catalog, pins
+import pytest
+
+from jtc_lens.harness import cli
+from jtc_lens.harness.corpora import catalog, pins
+
+pytestmark = pytest.mark.realdata  # verifies and lists the installed corpus packages
 
 
 def test_verify_accepts_pinned_sources_and_rejects_changed_ones(monkeypatch, tmp_path):

@@ -3,9 +3,9 @@ import json
 import datasets
 import pytest
 
-from harness.corpora import MissingSourceError, get_corpus
-from harness.corpora.external import load_file, load_hf
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.corpora import MissingSourceError, get_corpus
+from jtc_lens.harness.corpora.external import load_file, load_hf
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 
 def test_local_jsonl_file_is_a_distribution(tmp_path):

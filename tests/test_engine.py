@@ -3,18 +3,22 @@ import math
 import pytest
 
 import tiny
-from harness.corpora import get_corpus
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.metrics import LENS_METRICS
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from fixture_corpus import fixture_distribution
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
+from jtc_lens.harness.metrics import LENS_METRICS
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
+
+DIST = fixture_distribution()  # the synthetic corpus: the engine is under test, not the data
+OTHER = fixture_distribution(seed=1)  # a second one, to fit on for a transfer
 
 
-def _requests(protocol, n_items=10, n_fit=80, fit_on="wikipedia", projectors=("id", "mat", "affine")):
-    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=n_items)
+def _requests(protocol, n_items=10, n_fit=80, fit_on=DIST, projectors=("id", "mat", "affine")):
+    items = build_items(get_corpus(DIST), "validation", protocol, limit=n_items)
     fit = FitSpec(fit_on, protocol, n_fit)
-    return [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit) for p in projectors for it in items]
+    return [EvalRequest(p, DIST, "validation", protocol, it, None if p == "id" else fit) for p in projectors for it in items]
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -35,12 +39,12 @@ def test_every_architecture_end_to_end(arch):
             else:  # r^2: per layer only, no layer mean
                 assert m not in resp
         assert resp["n_positions"] == 1
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["model"]["unembed_sha256"] and len(prov["corpus_sha256"]) == 64
         assert prov["protocol"] == {"name": "paper", "seed": 3} and prov["seed"] == 3
         assert prov["versions"]["torch"] and prov["items"] == 10
     mat = [r for r, q in zip(responses, requests) if q.projector == "mat"]
-    assert PROVENANCE[mat[0]["provenance"]]["projector_config"]["fit_positions"] == 80
+    assert mat[0]["provenance"]["projector_config"]["fit_positions"] == 80
 
 
 def test_one_forward_pass_per_item_serves_all_projectors():
@@ -70,28 +74,28 @@ def test_dense_protocol_scores_every_position():
 def test_transfer_fits_on_the_named_distribution():
     lens = build_lens_model(*tiny.build("gpt2"))
     protocol = ProtocolConfig("paper", seed=2)
-    requests = _requests(protocol, n_items=5, fit_on="news", projectors=("mat",))
+    requests = _requests(protocol, n_items=5, fit_on=OTHER, projectors=("mat",))
     responses = Engine(lens, batch_size=4).run(requests)
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
-    assert config["fit_on"] == "news" and config["fit_corpus_sha256"] == get_corpus("news").source_hash
-    assert PROVENANCE[responses[0]["provenance"]]["distribution"] == "wikipedia"
+    config = responses[0]["provenance"]["projector_config"]
+    assert config["fit_on"] == OTHER and config["fit_corpus_sha256"] == get_corpus(OTHER).source_hash != get_corpus(DIST).source_hash
+    assert responses[0]["provenance"]["distribution"] == DIST
 
 
 def test_bad_requests_are_rejected():
     protocol = ProtocolConfig("paper")
-    item = build_items(get_corpus("wikipedia"), "validation", protocol, limit=1)[0]
+    item = build_items(get_corpus(DIST), "validation", protocol, limit=1)[0]
     with pytest.raises(ValueError, match="unknown projector"):
-        EvalRequest("logit", "wikipedia", "validation", protocol, item)
+        EvalRequest("logit", DIST, "validation", protocol, item)
     with pytest.raises(ValueError, match="needs"):
-        EvalRequest("mat", "wikipedia", "validation", protocol, item)
+        EvalRequest("mat", DIST, "validation", protocol, item)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "bert"])
 def test_sliced_scoring_equals_the_metrics_of_the_whole_readout(arch, monkeypatch):
     import torch
 
-    from harness import engine as engine_module
-    from harness.metrics import lens_metrics
+    from jtc_lens.harness import engine as engine_module
+    from jtc_lens.harness.metrics import lens_metrics
 
     lens = build_lens_model(*tiny.build(arch))
     gen = torch.Generator().manual_seed(5)
@@ -119,23 +123,27 @@ def test_a_bfloat16_model_is_scored_and_its_dtype_recorded():
     requests = _requests(ProtocolConfig("paper", seed=3), n_items=6, n_fit=60)
     responses = Engine(lens, batch_size=4).run(requests)
     assert all(math.isfinite(r[f"{m}.L0"]) for r in responses for m in METRICS)
-    assert PROVENANCE[responses[0]["provenance"]]["dtype"] == "bfloat16"
+    assert responses[0]["provenance"]["dtype"] == "bfloat16"
 
 
 def test_every_metric_is_also_reported_without_the_items_at_position_0():
-    from harness.protocols import Item
+    from jtc_lens.harness.encoding import encode
+    from jtc_lens.harness.protocols import Item
 
     lens = build_lens_model(*tiny.build("llama"))
     protocol = ProtocolConfig("paper", seed=3)
-    drawn = build_items(get_corpus("wikipedia"), "validation", protocol, limit=10)
+    # ten items whose own draw is past position 0, so that only the planted ones are there
+    drawn = [it for it in build_items(get_corpus(DIST), "validation", protocol, limit=30)
+             if encode(it, lens.tokenizer, protocol, False).positions != [0]][:10]
+    assert len(drawn) == 10
     # four items planted at position 0 (u = 0: a one-token input, as without BOS)
     items = [Item(it.item_id, it.text, 0.0 if k % 3 == 0 else it.u) for k, it in enumerate(drawn)]
     at0 = sorted(it.item_id for k, it in enumerate(items) if k % 3 == 0)
     rest = [it for it in items if it.item_id not in at0]
-    fit = FitSpec("wikipedia", protocol, 80)
+    fit = FitSpec(DIST, protocol, 80)
 
     def run(chosen):
-        requests = [EvalRequest(p, "wikipedia", "validation", protocol, it, None if p == "id" else fit)
+        requests = [EvalRequest(p, DIST, "validation", protocol, it, None if p == "id" else fit)
                     for p in ("id", "mat") for it in chosen]
         responses = Engine(lens, batch_size=4).run(requests)
         return {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
@@ -143,7 +151,7 @@ def test_every_metric_is_also_reported_without_the_items_at_position_0():
     everything, alone = run(items), run(rest)
     L = lens.num_layers
     for projector in ("id", "mat"):
-        prov = PROVENANCE[everything[projector][0]["provenance"]]
+        prov = everything[projector][0]["provenance"]
         assert prov["items_at_position_0"] == 4 and prov["items_at_position_0_ids"] == at0
         assert sorted(q.item_id for q, r in zip(items, everything[projector]) if r["position"] == 0) == at0
         without = prov["without_position_0"]
@@ -159,13 +167,13 @@ def test_every_metric_is_also_reported_without_the_items_at_position_0():
 
 
 def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entropy():
-    from harness.encoding import encode
-    from harness.protocols import NO_TARGET, Item
+    from jtc_lens.harness.encoding import encode
+    from jtc_lens.harness.protocols import NO_TARGET, Item
 
     lens = build_lens_model(*tiny.build("gpt2"))
     tok = lens.tokenizer
     every = ProtocolConfig("paper", seed=3, position_draw="all")
-    drawn = build_items(get_corpus("wikipedia"), "validation", every, limit=8)
+    drawn = build_items(get_corpus(DIST), "validation", every, limit=8)
     # three items drawn at their last token (u just below 1), the others as drawn
     items = [Item(it.item_id, it.text, 0.999999 if k < 3 else it.u) for k, it in enumerate(drawn)]
     last = sorted(it.item_id for it in items[:3])
@@ -174,12 +182,12 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
     assert encode(items[0], tok, ProtocolConfig("paper", seed=3), False).positions == [n - 2]  # the default draw
     with pytest.raises(ValueError, match="paper protocol"):
         ProtocolConfig("dense", position_draw="all")
-    fit = FitSpec("wikipedia", every, 60)
-    requests = [EvalRequest(p, "wikipedia", "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
+    fit = FitSpec(DIST, every, 60)
+    requests = [EvalRequest(p, DIST, "validation", every, it, None if p == "id" else fit) for p in ("id", "mat") for it in items]
     responses = Engine(lens, batch_size=3).run(requests)
     L = lens.num_layers
     for req, resp in zip(requests, responses):
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["position_draw"] == "all" and prov["protocol"]["position_draw"] == "all"
         assert prov["items_without_next_token"] == last and prov["items"] == 8
         # every lens metric but cross-entropy; cross-entropy missing, not 0
@@ -188,3 +196,24 @@ def test_the_papers_draw_over_every_token_scores_last_tokens_without_cross_entro
             assert not any(k.split(".")[0] == "xent" for k in resp)
         else:
             assert all(math.isfinite(resp[f"xent.L{l}"]) for l in range(L)) and resp["xent"] > 0
+
+
+def test_provenance_rides_on_the_response():
+    """The record of how an item was scored travels with its response (no process-wide registry)."""
+    import json
+    from types import SimpleNamespace
+
+    from jtc_lens.harness.lmeval.handler import jtc_lens
+
+    model, tok = tiny.build("llama")
+    protocol = ProtocolConfig("paper", seed=2)
+    items = build_items(get_corpus(DIST), "validation", protocol, limit=4)
+    spec = {"projector": "id", "distribution": DIST, "split": "validation",
+            "protocol": {"name": "paper", "seed": 2, "chunk_len": 128, "stride": None}, "batch_size": 4}
+    requests = [SimpleNamespace(args=(it.text, json.dumps({**spec, "item_id": it.item_id, "u": it.u}))) for it in items]
+    responses = jtc_lens(SimpleNamespace(model=model, tokenizer=tok), requests)
+    assert len(responses) == 4 and all("provenance" not in r.values for r in responses)
+    record = responses[0].provenance
+    assert record["distribution"] == DIST and record["items"] == 4 and len(record["record_id"]) == 16
+    assert all(r.provenance is record for r in responses)  # one record per set and projector, shared
+    assert record["record_id"] in str(responses[1])

@@ -17,11 +17,12 @@ import pytest
 
 import tiny
 from installed import lm_eval_launch
-from harness.cli import main as jtc
-from harness.stats import compare
-from leaderboard.build import N_RESAMPLES, build_site, fmt
+from jtc_lens.harness.cli import main as jtc
+from jtc_lens.harness.stats import compare
+from jtc_lens.leaderboard.build import N_RESAMPLES, build_site, fmt
 
-pytestmark = pytest.mark.slow
+# realdata: the shared lm_eval run reads the bundled news and wikipedia corpora (two distributions in one run)
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 # lm-eval accepts this folder name; a name cannot hold "/", so the closing tag is injected afterwards (see results_tree).
 MODEL_DIR_NAME = "tiny-<script>alert(1)"
@@ -384,7 +385,7 @@ def test_cli_subcommand_builds_the_site(results_tree, tmp_path, capsys):
 
 
 def test_deep_families_get_enough_resamples_for_holm_to_reach_alpha():
-    from leaderboard.tables import resamples_for
+    from jtc_lens.leaderboard.tables import resamples_for
 
     for layers in (3, 18, 30, 64):
         n = resamples_for(layers, 0.05, 2000)

@@ -8,7 +8,8 @@ import pytest
 
 from test_leaderboard import EVIL_NAME, TASKS, lm_eval_out, results_tree, site  # noqa: F401  (session fixtures)
 
-pytestmark = pytest.mark.slow
+# realdata: it builds on test_leaderboard's lm_eval run, which reads the bundled corpora
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Offline and quiet: no sandbox (root in a container), no GPU, no background traffic or updates.

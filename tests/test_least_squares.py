@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 import tiny
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
-from harness.protocols import ProtocolConfig
+from fixture_corpus import fixture_distribution
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
+from jtc_lens.harness.protocols import ProtocolConfig
 
 
 def _random_states(num_states=4, positions=300, d=16, seed=0):
@@ -88,7 +89,7 @@ def test_mat_recovers_the_exact_map_of_linear_blocks():
     weights = [torch.eye(32) + 0.3 * torch.randn(32, 32, generator=gen) for _ in range(3)]
     model.model.layers = nn.ModuleList([LinearBlock(w) for w in weights])
     lens = build_lens_model(model, tok)
-    spec = FitSpec("wikipedia", ProtocolConfig("dense", seed=0, chunk_len=24), n_fit=40, pairs="all")
+    spec = FitSpec(fixture_distribution(), ProtocolConfig("dense", seed=0, chunk_len=24), n_fit=40, pairs="all")
     fitted = get_least_squares(lens, spec, batch_size=8)
     assert fitted.info["fit_positions"] > 32 * 10
     for l in range(3):
@@ -101,16 +102,16 @@ def test_mat_recovers_the_exact_map_of_linear_blocks():
 
 
 def test_a_bfloat16_model_is_fitted_in_float64():
-    from harness.corpora import get_corpus
-    from harness.encoding import batches, encode
-    from harness.fitting import accumulate
-    from harness.protocols import build_items
+    from jtc_lens.harness.corpora import get_corpus
+    from jtc_lens.harness.encoding import batches, encode
+    from jtc_lens.harness.fitting import accumulate
+    from jtc_lens.harness.protocols import build_items
 
     model, tok = tiny.build("llama", layers=2)
     lens = build_lens_model(model.to(torch.bfloat16), tok)
     assert lens.dtype == torch.bfloat16
     protocol = ProtocolConfig("dense", chunk_len=32)
-    items = build_items(get_corpus("wikipedia"), "train", protocol, limit=12)
+    items = build_items(get_corpus(fixture_distribution()), "train", protocol, limit=12)
     encoded = [encode(it, tok, protocol, False) for it in items]
     acc, _ = accumulate(lens, encoded, "all", batch_size=4, desc="fit")
     assert acc.gram.dtype == torch.float64 and acc.n > lens.d_model

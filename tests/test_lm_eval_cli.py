@@ -32,8 +32,9 @@ def _env(tmp_path):
     return env
 
 
+@pytest.mark.realdata
 def test_lm_eval_runs_every_jtc_task_without_include_path(lm_eval_bin, tmp_path):
-    from harness.corpora import MissingSourceError, get_corpus, names
+    from jtc_lens.harness.corpora import MissingSourceError, get_corpus, names
 
     for name in names():  # 'jtc_*' reads every bundled distribution
         try:
@@ -54,7 +55,7 @@ def test_lm_eval_runs_every_jtc_task_without_include_path(lm_eval_bin, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
     results = json.loads(Path(results_file).read_text())
-    from harness.corpora import names
+    from jtc_lens.harness.corpora import names
 
     assert set(results["results"]) == {f"jtc_{p}_{d}" for p in ("id", "mat", "affine", "tuned") for d in names()}
     tasks = {f"jtc_{p}_{d}" for p in ("id", "mat", "affine", "tuned") for d in ("wikipedia", "news")}

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import tiny
-from harness.metrics import lens_metrics, r2_per_item, r2_pooled, r2w_per_item
-from harness.models import build_lens_model
-from harness.projectors import IdentityProjector
+from jtc_lens.harness.metrics import lens_metrics, r2_per_item, r2_pooled, r2w_per_item
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import IdentityProjector
 
 
 def _softmax(x):
@@ -154,7 +154,7 @@ def test_metrics_on_a_real_vocabulary_are_unbiased(V):
 
 def test_the_engine_scorer_is_unbiased_on_a_real_vocabulary():
     # the scorer's own route: slices, a linear readout through the final norm and (p W) . f for sum p z
-    from harness.engine import Engine
+    from jtc_lens.harness.engine import Engine
 
     lens = build_lens_model(*tiny.build("llama", layers=2))
     gen = torch.Generator().manual_seed(12)

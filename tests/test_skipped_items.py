@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 import tiny
-from harness.corpora import get_corpus
-from harness.encoding import ItemError, TooShort, encode
-from harness.engine import METRICS, PROVENANCE, Engine, EvalRequest
-from harness.fitting import FitSpec, get_least_squares
-from harness.models import build_lens_model
-from harness.protocols import ProtocolConfig, build_items
+from fixture_corpus import fixture_distribution
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.encoding import ItemError, TooShort, encode
+from jtc_lens.harness.engine import METRICS, Engine, EvalRequest
+from jtc_lens.harness.fitting import FitSpec, get_least_squares
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
 from installed import lm_eval_launch
 
 PROTOCOL = ProtocolConfig("dense", seed=0, chunk_len=16)
@@ -38,7 +39,7 @@ def _too_short(name: str, split: str, tok) -> list[str]:
 
 def test_a_one_token_item_is_too_short_but_other_item_errors_are_not():
     tok = tiny.tokenizer()
-    item = build_items(get_corpus("news"), "validation", PROTOCOL, limit=1)[0]
+    item = build_items(get_corpus(fixture_distribution()), "validation", PROTOCOL, limit=1)[0]
     short = type(item)(item.item_id, "The", 0.0)
     with pytest.raises(TooShort, match="1 token"):
         encode(short, tok, PROTOCOL, masked=False)
@@ -59,7 +60,7 @@ def test_short_items_are_skipped_in_the_fit_and_the_evaluation(tmp_path):
     responses = Engine(lens, batch_size=4).run(requests)
     assert len(responses) == len(requests)  # one response per request, scored or not
     for req, resp in zip(requests, responses):
-        prov = PROVENANCE[resp["provenance"]]
+        prov = resp["provenance"]
         assert prov["items_skipped"] == {"too_short": short_eval, "nonfinite": []}
         assert prov["items"] == len(items) - len(short_eval)
         if req.item.item_id in short_eval:
@@ -136,23 +137,23 @@ def test_lm_eval_with_the_papers_draw_averages_cross_entropy_over_the_items_that
 
     def last_token_items(seed):
         protocol = ProtocolConfig("paper", seed=seed, position_draw="all")
-        items = build_items(get_corpus("news"), "validation", protocol, limit=30)
+        items = build_items(get_corpus(fixture_distribution()), "validation", protocol, limit=30)
         return sorted(it.item_id for it in items if encode(it, tok, protocol, False).targets == [-1])
 
     seed = next(s for s in range(1, 200) if last_token_items(s))  # a seed that draws some item at its last token
     last = last_token_items(seed)
     out = tmp_path / "out"
-    meta = {"position_draw": "all", "seed": seed, "n_eval": 30}
-    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "jtc_id_news",
+    meta = {"corpus": fixture_distribution(), "position_draw": "all", "seed": seed, "n_eval": 30}
+    cmd = prefix + ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "custom_jtc_id",
                     "--output_path", str(out), "--log_samples", "--metadata", json.dumps(meta)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
     results = json.loads(Path(results_file).read_text())
-    res = results["results"]["jtc_id_news"]
-    prov = results["configs"]["jtc_id_news"]["metadata"]["provenance"]
+    res = results["results"]["custom_jtc_id"]
+    prov = results["configs"]["custom_jtc_id"]["metadata"]["provenance"]
     assert prov["items_without_next_token"] == last and prov["protocol"]["position_draw"] == "all"
-    samples = [json.loads(line) for line in Path(glob.glob(str(out / "*" / "samples_jtc_id_news_*.jsonl"))[0]).read_text().splitlines()]
+    samples = [json.loads(line) for line in Path(glob.glob(str(out / "*" / "samples_custom_jtc_id_*.jsonl"))[0]).read_text().splitlines()]
     assert len(samples) == 30
     with_xent = [s for s in samples if s["doc"]["item_id"] not in last]
     assert all("xent.L0" not in s for s in samples if s["doc"]["item_id"] in last)

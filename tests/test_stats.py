@@ -8,13 +8,14 @@ import dataclasses
 import itertools
 import math
 import warnings
+from fractions import Fraction
+from statistics import NormalDist
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 
-from harness import stats
-from harness.stats import (
+from jtc_lens.harness import stats
+from jtc_lens.harness.stats import (
     LayerComparison,
     compare,
     holm,
@@ -237,15 +238,41 @@ def test_holm_edge_cases():
 # bootstrap interval
 
 
-def test_bootstrap_ci_contains_true_difference_and_matches_scipy():
+def test_bootstrap_ci_contains_true_difference():
     rng = np.random.default_rng(5)
     b = rng.normal(size=400)
     a = b + rng.normal(0.5, 1.0, 400)
     low, high = paired_bootstrap_ci(a, b, n_resamples=2000, seed=9)
     assert low < 0.5 < high
     assert high - low == pytest.approx(2 * 1.96 / math.sqrt(400), rel=0.2)
-    direct = sps.bootstrap((a - b,), np.mean, n_resamples=2000, method="BCa", rng=np.random.default_rng(9))
-    assert (low, high) == pytest.approx((direct.confidence_interval.low, direct.confidence_interval.high))
+
+
+def bca_by_hand(d: np.ndarray, n_resamples: int, seed: int, confidence: float = 0.95):
+    """BCa and percentile intervals of mean(d), written out (Efron 1987) with numpy resamples and the
+    standard normal of the standard library: bias correction z0 from the share of bootstrap means below
+    the estimate, acceleration from the jackknife's third moment."""
+    rng = np.random.default_rng(seed)
+    n = d.size
+    means = np.concatenate([d[rng.integers(0, n, size=(20_000, n))].mean(axis=1) for _ in range(n_resamples // 20_000)])
+    normal = NormalDist()
+    z0 = normal.inv_cdf(float(np.mean(means < d.mean())))
+    jack = (d.sum() - d) / (n - 1)
+    dev = jack.mean() - jack
+    accel = (dev**3).sum() / (6 * (dev**2).sum() ** 1.5)
+    ends = ((1 - confidence) / 2, (1 + confidence) / 2)
+    bca = [np.quantile(means, normal.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))) for z in map(normal.inv_cdf, ends)]
+    return tuple(bca), tuple(np.quantile(means, ends))
+
+
+def test_bootstrap_ci_is_bca_by_an_independent_computation():
+    # Strongly skewed differences, where BCa and the percentile interval differ (by about 0.06 and 0.11 here).
+    # Over seeds, the code's endpoints with 20000 resamples spread by a standard deviation of 0.005 and 0.010
+    # (measured over 30 seeds), the hand computation's with 400000 by a fifth of that: 0.03 is 3 standard deviations.
+    d = np.random.default_rng(5).exponential(size=25) ** 2
+    low, high = paired_bootstrap_ci(d, np.zeros_like(d), n_resamples=20_000, seed=9)
+    (bca_low, bca_high), (pct_low, pct_high) = bca_by_hand(d, 400_000, seed=1)
+    assert abs(low - bca_low) < 0.03 and abs(high - bca_high) < 0.03, ((low, high), (bca_low, bca_high))
+    assert bca_low - pct_low > 0.05 and bca_high - pct_high > 0.05  # so the check tells BCa from percentile
 
 
 def test_bootstrap_ci_constant_differences():
@@ -384,26 +411,103 @@ def test_compare_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# calibration under the null: family-wise error rate after Holm
+# calibration under the null: family-wise error rate after Holm, against its exact value
+#
+# Under the global null (no layer differs), Holm rejects some layer exactly when its first step does:
+# the smallest of the m p-values is at most alpha / m (every later step needs a rejection before it).
+# With independent layers, P(no rejection) = prod_j P(p_j > alpha / m), so
+#     FWER = 1 - (1 - pi)^m,   pi = P(p <= alpha / m) for one layer.
+# A continuous, exactly uniform p-value has pi = alpha / m, giving 1 - (1 - alpha/m)^m (0.04917 for m = 3).
+# Our p-values are discrete, and pi is computed exactly for each below:
+# - sign flips with R random sign patterns (scipy's permutation test): p = 2 min(G + 1, R + 1 - G) / (R + 1),
+#   G the number of patterns whose mean is at least the observed one. Under the null the observed pattern
+#   is one more uniform draw, so (continuous data: no ties) G is uniform on 0..R and
+#   pi = 2 floor((alpha/m)(R + 1) / 2) / (R + 1); R = 249 gives pi = 4/250 = 0.016, FWER = 1 - 0.984^3 = 0.04724.
+#   The attainable p-values, 2j/250, stay clear of alpha/m: 3 x 0.016 = 0.048 and 3 x 0.024 = 0.072.
+# - exact McNemar: pi summed over the discordant count D ~ Binomial(n, 2q) and the split k ~ Binomial(D, 1/2),
+#   rejecting when 2 P(Binomial(D, 1/2) <= min(k, D - k)) <= alpha / m.
+#
+# Band: the simulated rate of N families has standard error s = sqrt(f (1 - f) / N) about the exact f; the test
+# accepts f +- 3 s. It must reject a procedure whose true rate is 0.07: that one's simulated rate falls below
+# f + 3 s with probability Phi((f + 3 s - 0.07) / s1), s1 = sqrt(0.07 x 0.93 / N).
+# - sign flips, f = 0.04724, N = 2600: s = 0.00416, accepted up to 0.0597; s1 = 0.0050, so a true 0.07 passes
+#   with probability Phi(-2.06) = 2%.
+# - McNemar, f = 0.0343 (n = 100, q = 0.25), N = 1000: s = 0.0058, accepted up to 0.0517; s1 = 0.0081, so a
+#   true 0.07 passes with probability Phi(-2.27) = 1%.
+# Each family costs two resampling tests per layer (the p-value and the bootstrap interval), 2 to 3 ms.
 
 
-REPS_NULL = 300
-LAYERS = 10
+NULL_LAYERS = 3
+NULL_RESAMPLES = 249
 
 
-@pytest.mark.parametrize("kind", ["continuous", "binary"])
-def test_family_wise_error_rate_under_the_null(kind):
-    rng = np.random.default_rng(2024 if kind == "continuous" else 2025)
-    ids = [f"item{i}" for i in range(40)]
+def sign_flip_rejection_probability(level: float, n_resamples: int) -> float:
+    """P(p <= level) for the sign-flip p-value from n_resamples random patterns, under the null, continuous data."""
+    half = level * (n_resamples + 1) / 2
+    assert abs(half - round(half)) > 0.05, "level on an attainable p-value: float rounding would decide"
+    return 2 * math.floor(half) / (n_resamples + 1)
+
+
+def mcnemar_rejection_probability(n: int, q: float, level: float, m: int) -> float:
+    """P(m x McNemar p <= m x level) for n items, each discordant either way with probability q, by exact sums."""
+    target = Fraction(level).limit_denominator(10**6) * m
+    total = 0.0
+    for disc in range(n + 1):
+        tails = list(itertools.accumulate(math.comb(disc, j) for j in range(disc + 1)))  # tails[j] = sum_{i <= j} C(disc, i)
+        rejected = 0
+        for k in range(disc + 1):
+            p = min(Fraction(1), Fraction(2 * tails[min(k, disc - k)], 2**disc))
+            # the code compares floats; no attainable p may sit close enough to the boundary for rounding to matter
+            assert abs(float(m * p - target)) > 1e-9
+            rejected += math.comb(disc, k) if m * p <= target else 0
+        total += math.comb(n, disc) * (2 * q) ** disc * (1 - 2 * q) ** (n - disc) * rejected / 2**disc
+    return total
+
+
+def band(rate: float, expected: float, families: int) -> None:
+    s = mc_se(expected, families)
+    assert abs(rate - expected) <= 3 * s, f"family-wise error rate {rate:.4f}, exact {expected:.4f} +- {3 * s:.4f}"
+
+
+def test_family_wise_error_rate_equals_its_exact_value_sign_flip():
+    families, n = 2600, 40
+    pi = sign_flip_rejection_probability(ALPHA / NULL_LAYERS, NULL_RESAMPLES)
+    expected = 1 - (1 - pi) ** NULL_LAYERS
+    assert expected == pytest.approx(1 - 0.984**3)
+    rng = np.random.default_rng(2024)
+    ids = [f"item{i}" for i in range(n)]
     any_rejected = 0
-    for r in range(REPS_NULL):
-        family = continuous_family if kind == "continuous" else binary_family
-        a, b = family(rng, len(ids), LAYERS)
-        rows = compare(ids, a, ids, b, "kl" if kind == "continuous" else "p@1", n_resamples=500, seed=r)
-        assert {row.test for row in rows} == {"sign-flip" if kind == "continuous" else "mcnemar-exact"}
+    for r in range(families):
+        # A and B exchangeable, every layer independent of the others; skewed like surprisal or KL
+        a, b = rng.exponential(size=(n, NULL_LAYERS)), rng.exponential(size=(n, NULL_LAYERS))
+        rows = compare(ids, a, ids, b, "kl", n_resamples=NULL_RESAMPLES, seed=r)
+        assert rows[0].test == "sign-flip"
         any_rejected += any(row.significant for row in rows)
-    fwer = any_rejected / REPS_NULL
-    assert fwer <= ALPHA + 3 * mc_se(ALPHA, REPS_NULL)
+    band(any_rejected / families, expected, families)
+
+
+def test_family_wise_error_rate_equals_its_exact_value_mcnemar():
+    families, n, q = 1000, 100, 0.25
+    pi = mcnemar_rejection_probability(n, q, ALPHA / NULL_LAYERS, NULL_LAYERS)
+    expected = 1 - (1 - pi) ** NULL_LAYERS
+    assert 0.03 < expected < 0.04  # McNemar is exact but discrete, hence conservative
+    rng = np.random.default_rng(2025)
+    a_of, b_of = np.array([1, 0, 1, 0]), np.array([0, 1, 1, 0])  # cells: A only, B only, both, neither
+    ids = [f"item{i}" for i in range(n)]
+    any_rejected = 0
+    for r in range(families):
+        cell = rng.choice(4, size=(n, NULL_LAYERS), p=[q, q, 0.3, 0.7 - 2 * q])
+        rows = compare(ids, a_of[cell], ids, b_of[cell], "p@1", n_resamples=NULL_RESAMPLES, seed=r)
+        assert rows[0].test == "mcnemar-exact"
+        any_rejected += any(row.significant for row in rows)
+    band(any_rejected / families, expected, families)
+
+
+def test_exact_rejection_probabilities_reduce_to_the_textbook_values():
+    # a finer resampling grid approaches the continuous alpha / m; a larger n does the same for McNemar's discreteness
+    assert sign_flip_rejection_probability(ALPHA / 3, 30_029) == pytest.approx(ALPHA / 3, rel=2e-3)
+    assert 1 - (1 - ALPHA / 3) ** 3 == pytest.approx(0.049171, abs=1e-6)
+    assert mcnemar_rejection_probability(30, 0.25, ALPHA / 3, 3) < ALPHA / 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,9 +516,10 @@ def test_family_wise_error_rate_under_the_null(kind):
 
 def test_sign_flip_power_matches_normal_approximation():
     reps, n, delta, sd = 300, 60, 0.3, 1.0
-    z = sps.norm.ppf(1 - ALPHA / 2)
+    normal = NormalDist()
+    z = normal.inv_cdf(1 - ALPHA / 2)
     shift = delta * math.sqrt(n) / sd
-    predicted = sps.norm.cdf(shift - z) + sps.norm.cdf(-shift - z)
+    predicted = normal.cdf(shift - z) + normal.cdf(-shift - z)
     rng = np.random.default_rng(99)
     ids = list(range(n))
     hits = 0
@@ -430,18 +535,19 @@ def test_sign_flip_power_matches_normal_approximation():
 def exact_mcnemar_power(n: int, p_a_only: float, p_b_only: float, alpha: float) -> float:
     """Power of the exact two-sided McNemar test, summing over discordant counts and their split.
 
-    The p-value is written out from the symmetric Binomial(D, 1/2) tails rather than taken from
-    binomtest, so this is an independent computation.
+    The p-value is written out from the symmetric Binomial(D, 1/2) tails with integer binomial
+    coefficients, not taken from scipy, so this is an independent computation.
     """
     p_disc = p_a_only + p_b_only
     share = p_a_only / p_disc
     power = 0.0
     for disc in range(1, n + 1):
-        k = np.arange(disc + 1)
-        pvalues = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(k, disc - k), disc, 0.5))
-        rejected = pvalues <= alpha
-        power += sps.binom.pmf(disc, n, p_disc) * sps.binom.pmf(k[rejected], disc, share).sum()
-    return float(power)
+        tails = list(itertools.accumulate(math.comb(disc, j) for j in range(disc + 1)))
+        p_count = math.comb(n, disc) * p_disc**disc * (1 - p_disc) ** (n - disc)
+        for k in range(disc + 1):
+            if min(1.0, 2 * tails[min(k, disc - k)] / 2**disc) <= alpha:
+                power += p_count * math.comb(disc, k) * share**k * (1 - share) ** (disc - k)
+    return power
 
 
 def test_mcnemar_power_matches_exact_computation():

@@ -2,8 +2,8 @@
 
 import json
 
-from harness.report import layer_table
-from harness.sweep import summarise
+from jtc_lens.harness.report import layer_table
+from jtc_lens.harness.sweep import summarise
 
 # layer 0's coordinate-averaged r^2 as on Gemma 3 (mat): a layer mean would be about -1,311
 R2 = [-3933.0, 0.42, 0.81]

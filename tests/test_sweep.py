@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from harness.sweep import RECORD, finished_run
+from jtc_lens.harness.sweep import RECORD, finished_run
 from installed import installed_package_dir
 
 
@@ -29,6 +29,7 @@ def test_a_finished_run_counts_only_for_the_same_request(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.realdata  # its lm_eval runs read the bundled news corpus
 def test_sweep_runs_models_in_turn_and_resumes(tmp_path):
     if installed_package_dir() is None:
         pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")

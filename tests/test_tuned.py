@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 import tiny
-from harness.engine import PROVENANCE, Engine, EvalRequest
-from harness.fitting import TunedSpec, get_tuned
-from harness.models import build_lens_model
-from harness.projectors import IdentityProjector
-from harness.projectors.tuned import TunedProjector, export_tuned_lens, import_tuned_lens
-from harness.corpora import get_corpus
-from harness.protocols import ProtocolConfig, build_items
-from harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
+from jtc_lens.harness.engine import Engine, EvalRequest
+from jtc_lens.harness.fitting import TunedSpec, get_tuned
+from jtc_lens.harness.models import build_lens_model
+from jtc_lens.harness.projectors import IdentityProjector
+from jtc_lens.harness.projectors.tuned import TunedProjector, export_tuned_lens, import_tuned_lens
+from jtc_lens.harness.corpora import get_corpus
+from jtc_lens.harness.protocols import ProtocolConfig, build_items
+from jtc_lens.harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
 
 SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
 
@@ -125,12 +125,12 @@ def test_tuned_projector_through_the_engine_and_cache():
     spec = TunedSpec("wikipedia", TunedRecipe("warm", token_budget=256 + 64 * 2, **SMALL))
     items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=6)
     responses = Engine(lens, batch_size=4).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    config = responses[0]["provenance"]["projector_config"]
     assert config["name"] == "tuned" and config["recipe"]["name"] == "warm" and config["tokens_spent"] == 384
     assert config["cache"] == "miss" and "stopped_early" in config
     _, info = get_tuned(lens, spec)
     assert info["cache"] == "hit"
-    from harness.store import cache_root
+    from jtc_lens.harness.store import cache_root
 
     leftover = cache_root() / "tuned-checkpoints"
     assert not leftover.exists() or not any(leftover.iterdir())  # the entry replaced the training checkpoint
@@ -145,6 +145,6 @@ def test_a_published_lens_is_evaluated_without_training(tmp_path):
     spec = TunedSpec("wikipedia", TunedRecipe("tuned-lens", token_budget=64, **SMALL), import_from=str(tmp_path / "published"))
     items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=3)
     responses = Engine(lens).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
-    config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
+    config = responses[0]["provenance"]["projector_config"]
     assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
     assert "tokens_spent" not in config

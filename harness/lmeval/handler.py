@@ -39,19 +39,22 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
 
 
 class LensResponse:
-    """An item's metric values. lm-eval writes every response into the samples file twice, as text
-    (``str`` of anything JSON cannot encode); that text is one line, since the values are logged as metrics."""
+    """An item's metric values and the provenance record they were obtained under. lm-eval writes every
+    response into the samples file twice, as text (``str`` of anything JSON cannot encode); that text is one
+    line naming the record, since the values are logged as metrics and the record goes to the task's config."""
 
-    def __init__(self, item_id: str, values: dict):
+    def __init__(self, item_id: str, values: dict, provenance: dict | None):
         self.item_id = item_id
         self.values = values
+        self.provenance = provenance
 
     def __str__(self) -> str:
         v = self.values
+        record = (self.provenance or {}).get("record_id")
         if "skipped" in v:
-            return f"jtc item {self.item_id}: skipped ({v['skipped']}), provenance {v.get('provenance')}"
+            return f"jtc item {self.item_id}: skipped ({v['skipped']}), provenance {record}"
         return (f"jtc item {self.item_id}: position {v.get('position')}, {v.get('n_positions')} scored, "
-                f"{v.get('n_tokens')} tokens, provenance {v.get('provenance')}")
+                f"{v.get('n_tokens')} tokens, provenance {record}")
 
     __repr__ = __str__
 
@@ -83,7 +86,11 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
         lm._jtc_lens = lens
     max_length = getattr(lm, "max_length", None)
     engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length, group=group, on_nonfinite=on_nonfinite)
-    return [LensResponse(r.item.item_id, values) for r, values in zip(parsed, engine.run(parsed))]
+    responses = []
+    for r, values in zip(parsed, engine.run(parsed)):
+        values = dict(values)
+        responses.append(LensResponse(r.item.item_id, values, values.pop("provenance", None)))
+    return responses
 
 
 def _one_mode(modes: set[str], group) -> str:

@@ -9,6 +9,14 @@ by removing them before the stock ``hf`` model passes its arguments to ``from_pr
 lm-eval 0.4.13 turns on data parallelism only when it counts more than one GPU, so processes started by
 ``accelerate launch`` on CPUs would each score every item. When accelerate runs several CPU processes
 (gloo), the patched model takes accelerate's rank and world size, as it would on GPUs.
+
+Entry points (pyproject.toml), for lm-eval releases with plugin discovery:
+- ``lm_eval.tasks``: ``jtc = "jtc_lens.tasks"``. lm-eval does not load the value; it finds the module part
+  (``importlib.util.find_spec``) and indexes the package's folder, where the wheel puts the task YAMLs
+  (EleutherAI/lm-evaluation-harness#4015). When lm-eval indexes that folder itself, the patch above
+  does not add it a second time.
+- ``lm_eval.models``: ``jtc-hf = "jtc_lens.harness.lmeval.model:JTCHFLM"``, an ``LM`` subclass, which lm-eval
+  loads by ``EntryPoint.load()`` and builds with ``create_from_arg_string`` (#4013).
 """
 
 from __future__ import annotations
@@ -46,13 +54,6 @@ def tasks_dir() -> str:
     raise FileNotFoundError(f"the jtc task YAMLs were not found beside {here}")
 
 
-def hf_model():
-    """Entry point for lm-eval releases that load models by plugin: the stock HF model, which the tasks extend."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM
-
-
 def _wrap_init(cls, adjust_kwargs, after=None) -> None:
     """Make ``cls.__init__`` pass its keyword arguments through ``adjust_kwargs`` first and call
     ``after(self)`` once it is done; idempotent."""
@@ -70,13 +71,27 @@ def _wrap_init(cls, adjust_kwargs, after=None) -> None:
     cls.__init__ = __init__
 
 
-def _with_our_tasks(kwargs: dict) -> dict:
-    include_path = kwargs.get("include_path")
-    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
-    ours = tasks_dir()
-    if not any(Path(p).resolve() == Path(ours) for p in paths):
-        paths.insert(0, ours)  # user paths come later and may override
-    return {**kwargs, "include_path": paths}
+def _indexed_by_lm_eval(module, ours: str) -> bool:
+    """Whether lm-eval indexes the jtc task folder itself, from the ``lm_eval.tasks`` entry point."""
+    discover = getattr(module, "discover_plugin_task_paths", None)
+    if discover is None:
+        return False
+    try:
+        return any(Path(p).resolve() == Path(ours) for p in discover())
+    except Exception:  # lm-eval logs its own discovery problems; the include path below still works
+        return False
+
+
+def _with_our_tasks(module):
+    def adjust(kwargs: dict) -> dict:
+        include_path = kwargs.get("include_path")
+        paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+        ours = tasks_dir()
+        if not any(Path(p).resolve() == Path(ours) for p in paths) and not _indexed_by_lm_eval(module, ours):
+            paths.insert(0, ours)  # user paths come later and may override
+        return {**kwargs, "include_path": paths}
+
+    return adjust
 
 
 def _without_jtc_options(kwargs: dict) -> dict:
@@ -117,7 +132,7 @@ def _checking_matches(original):
 
 
 def patch_task_manager(module) -> None:
-    _wrap_init(module.TaskManager, _with_our_tasks)
+    _wrap_init(module.TaskManager, _with_our_tasks(module))
     module.TaskManager.match_tasks = _checking_matches(module.TaskManager.match_tasks)
 
 

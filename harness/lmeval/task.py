@@ -17,16 +17,14 @@ from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from ..corpora import get_corpus
-from ..engine import METRICS, PROVENANCE
+from ..engine import METRICS
+from ..metrics import HIGHER_IS_BETTER
 from ..options import FITTED, PROJECTORS, OptionError, parse_options
 from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
 from . import handler, registration
 
 log = logging.getLogger(__name__)
 handler.install()
-
-HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
-                    "entropy": None, "r2": True, "r2w": True}
 
 
 class _MeanForEveryMetric(dict):
@@ -134,7 +132,7 @@ class JTCTask(ConfigurableTask):
     def process_results(self, doc, results):
         (response,) = results
         values = response.values
-        prov = PROVENANCE.get(values.get("provenance"))
+        prov = response.provenance
         if prov is not None:
             recorded = self.config.metadata.setdefault("provenance", prov)
             if recorded is not prov and recorded != prov:

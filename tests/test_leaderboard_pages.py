@@ -1,0 +1,63 @@
+"""Leaderboard pages without an lm-eval run: chart hover tips and atomic page writes."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from jtc_lens.harness import store
+from jtc_lens.leaderboard import svg
+from jtc_lens.leaderboard.build import build_site
+
+CIRCLE = re.compile(r'<circle cx="([0-9.]+)" cy="([0-9.]+)"[^>]*><title>([^<]*)</title></circle>')
+
+
+def test_tips_stay_with_their_points_when_points_are_left_out():
+    xs = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ys = [1.0, math.nan, 3.0, None, 2.0]  # layers 1 and 3 have no value and are not drawn
+    series = svg.Series(label="mat", xs=xs, ys=ys, tips=[f"layer {k}: {y}" for k, y in enumerate(ys)], projector="mat")
+    chart = svg.line_chart([series], title="t", y_label="y")
+    circles = [(float(cx), float(cy), tip) for cx, cy, tip in CIRCLE.findall(chart)]
+    assert [tip for _, _, tip in sorted(circles)] == ["layer 0: 1.0", "layer 2: 3.0", "layer 4: 2.0"]
+    # and each drawn where its own value is: higher values sit higher (smaller y in SVG)
+    by_tip = {tip: cy for _, cy, tip in circles}
+    assert by_tip["layer 2: 3.0"] < by_tip["layer 4: 2.0"] < by_tip["layer 0: 1.0"]
+
+
+def site_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_pages_are_written_atomically(tmp_path, monkeypatch):
+    # a site with no usable run still has its pages (index listing the problem, transfer, runs, comparisons.json)
+    out = tmp_path / "site"
+    build_site([tmp_path / "no-results-here"], out, stream=io.StringIO())
+    before = site_files(out)
+    assert {"index.html", "transfer.html", "runs.html", "comparisons.json"} <= set(before)
+
+    # a second build is stopped while its second file is being put in place
+    real_replace, calls = store.os.replace, []
+
+    def stopped(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped mid-build")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_site([tmp_path / "other-results"], out, stream=io.StringIO())
+    monkeypatch.undo()
+
+    after = site_files(out)
+    assert set(after) == set(before), "a temporary file was left behind"
+    stopped_page = Path(calls[1]).name
+    assert after[stopped_page] == before[stopped_page]  # the page being written is the old one, whole
+    for name, data in after.items():
+        if name.endswith(".html"):
+            assert data.rstrip().endswith(b"</html>"), f"{name} is cut short"
+    assert b"other-results" in after[Path(calls[0]).name]  # the first page was replaced by the new build's
