@@ -81,7 +81,8 @@ def test_smollm2_lens_end_to_end(smollm2):
     by = {p: [r for r, q in zip(responses, requests) if q.projector == p] for p in ("id", "mat")}
     mean = lambda p, m: sum(r[m] for r in by[p]) / len(by[p])  # noqa: E731
     # the paper's finding in kind: the fitted map reads intermediate layers better than the identity
-    assert mean("mat", "r2") > mean("id", "r2")
+    # r^2 has no layer mean (unbounded below): compare it in the middle layer
+    assert mean("mat", "r2.L15") > mean("id", "r2.L15")
     assert mean("mat", "kl") < mean("id", "kl")
     assert all(math.isfinite(r["kl"]) for r in responses)
     prov = by["mat"][0]["provenance"]
