@@ -109,7 +109,8 @@ def test_export_import_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["config.json", "params.pt"]
     state = torch.load(tmp_path / "lens" / "params.pt", weights_only=True)
     assert sorted(state)[:2] == ["0.bias", "0.weight"] and state["0.weight"].shape == (32, 32)
-    back = import_tuned_lens(tmp_path / "lens", 3, 32, lens.unembed.weight)
+    back, check = import_tuned_lens(tmp_path / "lens", 3, 32, lens.unembed.weight)
+    assert check["identity_check"].startswith("unembed_sha256")
     torch.testing.assert_close(back.weight, proj.weight)
     torch.testing.assert_close(back.bias, proj.bias)
     other = _lens(seed=5)
@@ -147,4 +148,5 @@ def test_a_published_lens_is_evaluated_without_training(tmp_path):
     responses = Engine(lens).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
     config = PROVENANCE[responses[0]["provenance"]]["projector_config"]
     assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
+    assert config["identity_check"].startswith("unembed_sha256") and config["allow_unverified_lens"] is False
     assert "tokens_spent" not in config
