@@ -90,14 +90,33 @@ def test_nan_stops_with_layer_and_step():
     recipe = TunedRecipe("tuned-lens", token_budget=64 * 3, **SMALL)
     trainer = TunedTrainer(lens, recipe, "news")
     real = trainer._states
+    calls = {"n": 0}
 
     def poisoned(batch):
+        calls["n"] += 1
         states = real(batch)
-        states[1, 0, 0] = float("nan")  # one NaN in layer 1's input
+        if calls["n"] > 1:  # the first capture is the held-out slice's
+            states[1, 0, 0] = float("nan")  # one NaN in layer 1's input
         return states
 
     trainer._states = poisoned
     with pytest.raises(TrainingError, match=r"non-finite kl loss .* at layer 1, step 0"):
+        trainer.train(progress=False)
+
+
+def test_nan_in_the_heldout_slice_stops_with_layer():
+    model, tok = tiny.build("llama")
+    lens = build_lens_model(model, tok)
+    trainer = TunedTrainer(lens, TunedRecipe("tuned-lens", token_budget=64 * 3, **SMALL), "news")
+    real = trainer._states
+
+    def poisoned(batch):
+        states = real(batch)
+        states[2] = float("nan")
+        return states
+
+    trainer._states = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite held-out kl loss \(nan\) at layer 2 after 0 steps"):
         trainer.train(progress=False)
 
 
