@@ -121,7 +121,8 @@ class Engine:
     def _projectors(self, keys: set[tuple]) -> tuple[dict[tuple, Projector], dict]:
         out: dict[tuple, Projector] = {}
         fit_info = {}
-        for name, fit in sorted(keys, key=repr):
+        # Imported lenses first: a missing or mismatched lens stops the run before anything is fitted.
+        for name, fit in sorted(keys, key=lambda k: (not _imported(k), repr(k))):
             if name == "id":
                 out[(name, fit)] = IdentityProjector()
                 continue
@@ -419,6 +420,10 @@ class Engine:
             "versions": versions(),
             "date": utc_now(),
         }
+
+
+def _imported(key: tuple) -> bool:
+    return key[0] == "tuned" and bool(key[1].import_from)
 
 
 def _variance(t_sum: torch.Tensor, t_sq: torch.Tensor, n_pos: torch.Tensor) -> torch.Tensor:

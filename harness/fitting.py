@@ -217,10 +217,11 @@ class TunedSpec:
     fit_on: str
     recipe: TunedRecipe
     import_from: str | None = None  # a lens saved by the tuned-lens package, used instead of training
+    allow_unverified: bool = False  # use an imported lens whose config names no hash of the unembedding
 
     def as_dict(self) -> dict:
         if self.import_from:
-            return {"imported_from": self.import_from}
+            return {"imported_from": self.import_from, "allow_unverified_lens": self.allow_unverified}
         return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
 
 
@@ -232,15 +233,21 @@ def _require_training_text(spec: TunedSpec) -> None:
                          + no_items_reason(corpus, "train", ProtocolConfig("dense", seed=spec.recipe.seed)))
 
 
+def import_tuned(lens: LensModel, spec: TunedSpec):
+    """The lens saved at ``spec.import_from``, checked against ``lens`` (layers, width, unembedding, tensor shapes)."""
+    folder = Path(spec.import_from).expanduser()
+    projector, check = import_tuned_lens(folder, lens.num_layers, lens.d_model, lens.unembed.weight, spec.allow_unverified)
+    return projector, {"imported_from": str(folder), "params_sha256": sha256_file(folder / "params.pt"),
+                       "config_sha256": sha256_file(folder / "config.json"), **check,
+                       "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
+
+
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
-    """A tuned lens for ``lens`` trained under ``spec``: from the cache, or trained now (resuming a checkpoint;
-    the processes of ``group`` share each step's chunks and sum their gradients)."""
+    """A tuned lens for ``lens`` trained under ``spec``: imported, from the cache, or trained now (resuming a
+    checkpoint; the processes of ``group`` share each step's chunks and sum their gradients)."""
     fingerprint = fingerprint or lens.fingerprint()
     if spec.import_from:
-        folder = Path(spec.import_from).expanduser()
-        projector = import_tuned_lens(folder, lens.num_layers, lens.d_model, lens.unembed.weight)
-        return projector, {"imported_from": str(folder), "params_sha256": sha256_file(folder / "params.pt"),
-                           "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
+        return import_tuned(lens, spec)
     key = {
         "family": "tuned",
         "model": model_key(fingerprint),

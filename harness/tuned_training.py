@@ -1,27 +1,39 @@
-"""Training tuned lenses: streaming, memory-bounded, resumable, and stopped on non-finite loss.
+"""Training tuned lenses: streaming, memory-bounded, resumable, stopped on non-finite loss, never worse than the start.
 
 Recipes:
 - ``tuned-lens``: the published one. Zero-initialised translators; SGD with Nesterov momentum 0.9 and
   lr 1.0 in that convention (0.1 as PyTorch applies it); weight decay 1e-3 towards the identity;
   linear decay to zero, no warm-up; gradient-norm clipping at 1.0; KL(p_final || p_lens) summed over
   layers; documents joined with EOS and cut into chunks. The token budget is a parameter.
-- ``warm``: the same optimiser started from the affine least-squares solution, fitted in one pass over
-  the first ``warm_fit_tokens`` tokens of the same stream (they count towards the budget and the time).
+- ``warm``: started from the affine least-squares solution, fitted in one pass over the first
+  ``warm_fit_tokens`` tokens of the training stream (they count towards the budget and the time), then the
+  same optimiser on a preconditioned gradient (see ``Preconditioner``): the step is the same whatever the
+  scale of the hidden states. How far a step may go before it hurts still differs between models (Gemma 3's
+  readout is far more sensitive than SmolLM2's), so each layer backtracks: a layer whose held-out loss is not
+  below its best after a step returns to its best state, loses its momentum and halves its step.
 Each chunk is used once, so the training loss of a step is an estimate on unseen data; ``stop_at`` ends
 training early once the mean loss over layers reaches it (recorded, with the tokens actually spent).
+
+Held out: the first ``heldout_chunks`` chunks of the stream are never trained on. The recipe's loss on
+``heldout_positions`` of their positions is measured per layer before the first step and every
+``heldout_every`` steps (and after the last). With ``keep_best`` (the default of ``warm``) each layer's
+returned translator is the one with the lowest held-out loss seen, the start included, so the lens never
+ends worse than it started on that slice. The published recipe returns its last state, as published; its
+held-out curve and the states keep-best would have chosen are recorded beside it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
@@ -32,12 +44,19 @@ from .distributed import SINGLE, Group
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
 from .projectors.tuned import TunedProjector
-from .store import atomic_write_bytes, atomic_write_json, sha256_json
+from .store import atomic_write_bytes, sha256_json
 
+# Learning rate (published convention: PyTorch's SGD gets lr * (1 - momentum)) when the recipe names none.
+# The warm recipe's step is in units of the hidden states (see Preconditioner); 0.01 (then halved per layer
+# where it hurts) was the largest rate that improved the held-out loss on both SmolLM2-135M and Gemma 3 270M.
+DEFAULT_LR = {"tuned-lens": 1.0, "warm": 0.01}
+CHECKPOINT_FORMAT = "jtc-tuned-checkpoint-2"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss); the message names the layer and step."""
+    """Training cannot go on (non-finite loss, too little text); the message names the cause."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +67,7 @@ class TunedRecipe:
     token_budget: int = options.default("token_budget")
     chunk_len: int = options.default("tuned_chunk_len")
     tokens_per_step: int = options.default("tokens_per_step")
-    lr: float = 1.0  # the tuned-lens convention: PyTorch's SGD gets lr * (1 - momentum)
+    lr: float | None = None  # None: DEFAULT_LR of the recipe
     momentum: float = 0.9
     weight_decay: float = 1e-3
     clip: float = 1.0
@@ -56,6 +75,12 @@ class TunedRecipe:
     warm_fit_tokens: int = options.default("warm_fit_tokens")
     stop_at: float | None = options.default("stop_at")  # mean KL over layers (nats) at which to stop early
     seed: int = options.default("seed")
+    # held-out slice: the first chunks of the stream, never trained on (not counted in token_budget)
+    heldout_chunks: int = 4
+    heldout_positions: int = 128  # positions scored per measurement, spread evenly over the held-out chunks (at most all)
+    heldout_every: int = 1  # steps between held-out measurements (the last step is always measured)
+    keep_best: bool | None = None  # None: True for warm, False for the published recipe
+    damping: float = 1e-3  # warm: ridge on the Jacobi-scaled covariance in the preconditioner
 
     def __post_init__(self):
         if self.name not in RECIPES:
@@ -66,6 +91,15 @@ class TunedRecipe:
             raise ValueError("tokens_per_step must be a multiple of chunk_len")
         if self.token_budget < self.tokens_per_step:
             raise ValueError(f"token_budget ({self.token_budget}) is smaller than one step ({self.tokens_per_step} tokens)")
+        if self.heldout_chunks < 1 or self.heldout_every < 1:
+            raise ValueError("heldout_chunks and heldout_every must be at least 1")
+        if self.heldout_positions < 1:
+            raise ValueError("heldout_positions must be at least 1")
+        # resolve recipe-dependent defaults, so that as_dict (the cache key) names what was run
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.name])
+        if self.keep_best is None:
+            object.__setattr__(self, "keep_best", self.name == "warm")
 
     @property
     def steps(self) -> int:
@@ -117,6 +151,178 @@ def scored_positions(recipe: "TunedRecipe", chunks: int) -> int:
     return chunks * (recipe.chunk_len if recipe.loss == "kl" else recipe.chunk_len - 1)
 
 
+def _next_chunks(chunks, n: int, what: str) -> list[torch.Tensor]:
+    try:
+        return [next(chunks) for _ in range(n)]
+    except StopIteration:
+        raise TrainingError(f"the training split ran out of text for the {what}") from None
+
+
+# -- the warm recipe's step ---------------------------------------------------------------------------
+
+
+@dataclass
+class Preconditioner:
+    """Makes the warm recipe's step independent of the scale (and any invertible affine change) of the hidden states.
+
+    Per layer the translator is the affine map v = A x on x = [h; 1]. Plain SGD moves A by -lr G with
+    G = E[g x^T] (g = dloss/dv per position), which changes the projected states by -lr G x: the change grows
+    with the square of the scale of h along each direction, so a few huge directions (Gemma's hidden states
+    have coordinates in the thousands) make one step overshoot by orders of magnitude. Here G is replaced by
+
+        s^2 G C^-1,   C = E[x x^T] (the warm start's second moments), s^2 = E[h_L^2] per coordinate,
+
+    so the states move by -lr s^2 (G C^-1) x: the least-squares affine fit of the per-position direction -g,
+    measured in units of the target's scale. Multiply every state by 1,000 (or transform h by any invertible
+    affine map) and the change of the lens output is the same function of the data, hence the same loss
+    trajectory. It is the input factor of K-FAC/natural-gradient methods, fixed at the warm start (C comes
+    from the same pass as the affine fit) with a scalar output factor. The covariance is Jacobi-scaled and
+    damped (+damping on its unit diagonal) so that directions the warm-start tokens barely sample are not
+    amplified without bound. Clipping bounds the RMS relative change of the projected states per unit lr.
+    """
+
+    mean: torch.Tensor  # (L, d) E[h_l]
+    inv_cov: torch.Tensor  # (L, d, d) damped inverse covariance of h_l
+    scale2: torch.Tensor  # (L,) mean square of the target's coordinates
+
+    @classmethod
+    def from_moments(cls, acc: GramAccumulator, num_layers: int, damping: float) -> "Preconditioner":
+        acc.flush()
+        n = acc.n
+        mean = acc.sums / n
+        inv = []
+        for l in range(num_layers):
+            cov = acc.block(l, l) / n - torch.outer(mean[l], mean[l])
+            scale = cov.diagonal().clamp_min(1e-300).sqrt()
+            unit = cov / scale[:, None] / scale[None, :]
+            unit.diagonal().add_(damping)
+            inv.append(torch.linalg.inv(unit) / scale[:, None] / scale[None, :])
+        target_sq = acc.block(num_layers, num_layers).diagonal().sum() / (n * acc.d)
+        return cls(mean[:num_layers].clone(), torch.stack(inv), target_sq.expand(num_layers).clone())
+
+    def precondition_(self, W: torch.nn.Parameter, b: torch.nn.Parameter, clip: float, layer_scale: list[float]) -> float:
+        """Replace W.grad and b.grad by the preconditioned direction, clipped, times each layer's step scale;
+        returns its RMS relative size before clipping.
+
+        In centred coordinates (v = (I+W)(h - mean) + b'), the directions are decoupled:
+        dW = s^2 (G_W - G_b mean^T) cov^-1, db' = s^2 G_b, and db = db' - dW mean.
+        """
+        device = W.grad.device
+        mean, inv_cov = self.mean.to(device), self.inv_cov.to(device)
+        s2 = self.scale2.to(device)[:, None]
+        g_w, g_b = W.grad.double(), b.grad.double()
+        g_centred = g_w - g_b[:, :, None] * mean[:, None, :]
+        d_w = s2[:, :, None] * torch.bmm(g_centred, inv_cov)
+        d_b_centred = s2 * g_b
+        # E|dv|^2 / (d s^2) per layer: <dW, G'> + s^2 |G_b|^2, over d (the metric the preconditioner defines)
+        sq = ((d_w * g_centred).sum((1, 2)) + (d_b_centred * g_b).sum(1)) / W.shape[1]
+        rms = float(sq.clamp_min(0).mean().sqrt())
+        factor = min(1.0, clip / rms) if rms > 0 else 1.0
+        d_b = d_b_centred - torch.bmm(d_w, mean[:, :, None])[:, :, 0]
+        scale = factor * torch.tensor(layer_scale, dtype=torch.float64, device=device)
+        W.grad.copy_(scale[:, None, None] * d_w)
+        b.grad.copy_(scale[:, None] * d_b)
+        return rms
+
+
+# -- the held-out slice -------------------------------------------------------------------------------
+
+
+@dataclass
+class HeldOut:
+    """Hidden states and next tokens at this process's share of the held-out positions (captured once)."""
+
+    states: torch.Tensor  # (L+1, P_mine, d)
+    next_tokens: torch.Tensor  # (P_mine,)
+    total: int  # positions over all processes
+
+    @staticmethod
+    def positions(chunks: int, chunk_len: int, count: int) -> list[tuple[int, int]]:
+        """``count`` (chunk, position) pairs evenly spaced over the positions that have a next token."""
+        span = chunk_len - 1
+        flat = [int((i + 0.5) * chunks * span / count) for i in range(count)]
+        return [(f // span, f % span) for f in flat]
+
+
+def _heldout_loss_sums(lens: LensModel, heldout: HeldOut, W: torch.Tensor, b: torch.Tensor, kind: str,
+                       rows: int = 128) -> torch.Tensor:
+    """Per-layer sums of the loss over this process's held-out positions, ``rows`` positions at a time."""
+    L = lens.num_layers
+    sums = torch.zeros(L, dtype=torch.float64)
+    P = heldout.states.shape[1]
+    with torch.no_grad():
+        for p0 in range(0, P, rows):
+            h = heldout.states[:, p0:p0 + rows]
+            final_lp = torch.log_softmax(lens.readout(h[L]).float(), dim=-1)
+            nxt = heldout.next_tokens[p0:p0 + rows].to(h.device)
+            for l in range(L):
+                lp = torch.log_softmax(lens.readout(h[l] + h[l] @ W[l].T + b[l]).float(), dim=-1)
+                if kind == "kl":
+                    sums[l] += float((final_lp.exp() * (final_lp - lp)).sum())
+                else:
+                    sums[l] += float(-lp.gather(1, nxt[:, None]).sum())
+    return sums
+
+
+@dataclass
+class KeepBest:
+    """Per layer: the lowest held-out loss measured so far (the start included), the step it was measured
+    after, and (when the recipe keeps the best) the translator that reached it."""
+
+    start: list[float]
+    best: list[float]
+    best_step: list[int]
+    last: list[float]
+    curve: list[list[float]] = field(default_factory=list)  # [step, mean held-out loss over layers]
+    scale: list[float] = field(default_factory=list)  # per-layer step scale (halved at each backtrack)
+    W: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    @classmethod
+    def at_start(cls, losses: list[float], W: torch.Tensor, b: torch.Tensor, keep: bool) -> "KeepBest":
+        return cls(list(losses), list(losses), [0] * len(losses), list(losses), [[0, sum(losses) / len(losses)]],
+                   [1.0] * len(losses), W.detach().clone() if keep else None, b.detach().clone() if keep else None)
+
+    def update(self, step: int, losses: list[float], W: torch.Tensor, b: torch.Tensor) -> None:
+        for l, v in enumerate(losses):
+            if v < self.best[l]:  # strictly lower; a NaN never is
+                self.best[l], self.best_step[l] = v, step
+                if self.W is not None:
+                    self.W[l].copy_(W[l].detach())
+                    self.b[l].copy_(b[l].detach())
+        self.last = list(losses)
+        self.curve.append([step, sum(losses) / len(losses)])
+
+    def backtrack_(self, step: int, W: torch.nn.Parameter, b: torch.nn.Parameter, opt: torch.optim.Optimizer) -> None:
+        """Every layer the last step did not improve goes back to its best state, without momentum, at half the step."""
+        for l, kept in enumerate(self.best_step):
+            if kept == step:
+                continue
+            with torch.no_grad():
+                W[l].copy_(self.W[l])
+                b[l].copy_(self.b[l])
+            for p in (W, b):
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf[l].zero_()
+            self.scale[l] *= 0.5
+
+    def record(self) -> dict:
+        return {"start": self.start, "best": self.best, "best_step": self.best_step, "last": self.last, "curve": self.curve,
+                "scale": self.scale}
+
+    @classmethod
+    def from_record(cls, rec: dict, W: torch.Tensor | None, b: torch.Tensor | None) -> "KeepBest":
+        return cls(rec["start"], rec["best"], rec["best_step"], rec["last"], rec["curve"], rec["scale"], W, b)
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 6) for v in values]
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+
 class TunedTrainer:
     def __init__(self, lens: LensModel, recipe: TunedRecipe, fit_on: str, checkpoint: Path | None = None,
                  group: Group = SINGLE):
@@ -129,14 +335,15 @@ class TunedTrainer:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _init_params(self, chunks) -> tuple[torch.nn.Parameter, torch.nn.Parameter, int, float]:
+    def _init_params(self, chunks):
+        """(W, b, warm tokens, warm seconds, preconditioner or None)."""
         L, d = self.lens.num_layers, self.lens.d_model
-        used, warm_seconds = 0, 0.0
+        used, warm_seconds, precond = 0, 0.0, None
         if self.recipe.name == "warm":
             start = time.perf_counter()
             acc = GramAccumulator(L + 1, d, "last")
             while used < self.recipe.warm_fit_tokens:
-                step_chunks = [next(chunks) for _ in range(self.recipe.tokens_per_step // self.recipe.chunk_len)]
+                step_chunks = _next_chunks(chunks, self.recipe.tokens_per_step // self.recipe.chunk_len, "warm start")
                 mine = self.group.shard(step_chunks)
                 if mine:
                     acc.update(self._states(torch.stack(mine)))
@@ -144,12 +351,13 @@ class TunedTrainer:
             acc.reduce(self.group.sum_)
             affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
             init = TunedProjector.from_affine(affine, L)
+            precond = Preconditioner.from_moments(acc, L, self.recipe.damping)
             warm_seconds = time.perf_counter() - start
         else:
             init = TunedProjector.zeros(L, d)
         W = torch.nn.Parameter(init.weight.clone().to(self.lens.device))
         b = torch.nn.Parameter(init.bias.clone().to(self.lens.device))
-        return W, b, used, warm_seconds
+        return W, b, used, warm_seconds, precond
 
     def _states(self, batch: torch.Tensor) -> torch.Tensor:
         B, T = batch.shape
@@ -157,27 +365,91 @@ class TunedTrainer:
         cols = torch.arange(T).repeat(B)
         return self.lens.capture(batch, torch.ones_like(batch), rows, cols).float()
 
-    def _save_checkpoint(self, W, b, opt, sched, step, tokens, losses) -> None:
+    def _heldout(self, chunks: list[torch.Tensor]) -> HeldOut:
+        """States at this process's share of the held-out positions: the chunks are shared out, each process
+        captures its own chunks once."""
+        r = self.recipe
+        wanted = HeldOut.positions(len(chunks), r.chunk_len, min(r.heldout_positions, len(chunks) * (r.chunk_len - 1)))
+        mine = self.group.shard(list(range(len(chunks))))
+        picks = [(mine.index(c), p) for c, p in wanted if c in mine]
+        L, d = self.lens.num_layers, self.lens.d_model
+        if not picks:
+            return HeldOut(torch.zeros(L + 1, 0, d, device=self.lens.device), torch.zeros(0, dtype=torch.long), len(wanted))
+        batch = torch.stack([chunks[c] for c in mine])
+        states = self._states(batch)  # positions in row-major (chunk, position) order
+        flat = torch.tensor([k * r.chunk_len + p for k, p in picks])
+        nxt = torch.stack([batch[k, p + 1] for k, p in picks])
+        return HeldOut(states[:, flat.to(states.device)].contiguous(), nxt, len(wanted))
+
+    def _heldout_losses(self, heldout: HeldOut, W, b, step: int) -> list[float]:
+        """Mean held-out loss per layer over all processes' positions (of the lens after ``step`` steps)."""
+        sums = _heldout_loss_sums(self.lens, heldout, W, b, self.recipe.loss)
+        self.group.sum_([sums])
+        losses = (sums / heldout.total).tolist()
+        bad = [l for l, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(f"non-finite held-out {self.recipe.loss} loss ({losses[bad[0]]}) at layer {bad[0]} "
+                                f"after {step} steps; the lens is not saved")
+        return losses
+
+    def _save_checkpoint(self, W, b, opt, sched, step, tokens, losses, tracker: KeepBest) -> None:
+        """One file, written atomically: the tensors and, in its metadata, the state they belong to.
+
+        A kill at any moment leaves either the previous checkpoint or this one, never a mix of two steps."""
         if self.checkpoint is None or not self.group.is_main:
             return
-        self.checkpoint.mkdir(parents=True, exist_ok=True)
         tensors = {"W": W.detach().cpu().contiguous(), "b": b.detach().cpu().contiguous()}
         for i, p in enumerate((W, b)):
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"momentum{i}"] = buf.detach().cpu().contiguous()
-        atomic_write_bytes(self.checkpoint / "state.safetensors", st_save(tensors))
-        atomic_write_json(self.checkpoint / "state.json", {
-            "step": step, "tokens": tokens, "losses": losses, "scheduler": sched.state_dict(),
-            "recipe": self.recipe.as_dict(), "fit_on": self.fit_on})
+        if tracker.W is not None:
+            tensors["best_W"], tensors["best_b"] = tracker.W.cpu().contiguous(), tracker.b.cpu().contiguous()
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "tokens": tokens, "losses": losses,
+                 "scheduler": sched.state_dict(), "recipe": self.recipe.as_dict(), "fit_on": self.fit_on,
+                 "heldout": tracker.record()}
+        atomic_write_bytes(self.checkpoint / CHECKPOINT_FILE, st_save(tensors, metadata={"state": json.dumps(state)}))
 
     def _load_checkpoint(self):
-        if self.checkpoint is None or not (self.checkpoint / "state.json").is_file():
+        """(state, tensors) of this run's checkpoint, or None: missing, another run's, or unreadable (logged)."""
+        if self.checkpoint is None:
             return None
-        meta = json.loads((self.checkpoint / "state.json").read_text("utf-8"))
-        if meta.get("recipe") != self.recipe.as_dict() or meta.get("fit_on") != self.fit_on:
+        path = self.checkpoint / CHECKPOINT_FILE
+        if not path.is_file():
+            if (self.checkpoint / "state.json").is_file():
+                log.warning("%s holds a checkpoint of an older format (two files, not atomic); starting over", self.checkpoint)
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                state = json.loads((fh.metadata() or {})["state"])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            log.warning("checkpoint %s is unreadable (%s); starting over", path, exc)
+            return None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("recipe") != self.recipe.as_dict() or state.get("fit_on") != self.fit_on:
             return None  # a checkpoint of another run: start over
-        return meta, load_file(str(self.checkpoint / "state.safetensors"))
+        return state, tensors
+
+    def _resume(self, W, b, opt, sched, tracker: KeepBest, chunks, per_step: int):
+        """Restore a checkpoint into the optimiser state; (step, tokens, losses, tracker) or None."""
+        resumed = self._load_checkpoint()
+        if not self.group.all(resumed is not None):
+            return None  # every process resumes from the same checkpoint, or none does
+        state, tensors = resumed
+        self.group.check_same(state["step"], "the checkpoint step to resume from")
+        with torch.no_grad():
+            W.copy_(tensors["W"])
+            b.copy_(tensors["b"])
+        for i, p in enumerate((W, b)):
+            if f"momentum{i}" in tensors:
+                opt.state[p]["momentum_buffer"] = tensors[f"momentum{i}"].to(p.device)
+        sched.load_state_dict(state["scheduler"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+            group["lr"] = lr  # loading a scheduler's state does not set the optimiser's current rate
+        for _ in range(state["step"] * per_step):  # the stream is deterministic: skip what was consumed
+            next(chunks)
+        best = (tensors["best_W"].to(W.device), tensors["best_b"].to(W.device)) if tracker.W is not None else (None, None)
+        return state["step"], state["tokens"], state["losses"], KeepBest.from_record(state["heldout"], *best)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -187,29 +459,19 @@ class TunedTrainer:
         per_step = r.tokens_per_step // r.chunk_len
         chunks = token_chunks(lens.tokenizer, self.fit_on, r.chunk_len, r.seed)
         start = time.perf_counter()
-        W, b, warm_tokens, warm_seconds = self._init_params(chunks)
+        heldout = self._heldout(_next_chunks(chunks, r.heldout_chunks, "held-out slice"))
+        W, b, warm_tokens, warm_seconds, precond = self._init_params(chunks)
         opt = torch.optim.SGD([W, b], lr=r.lr * (1 - r.momentum), momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         total_steps = max(1, (r.token_budget - warm_tokens) // r.tokens_per_step)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
+        heldout_seconds = time.perf_counter()
+        tracker = KeepBest.at_start(self._heldout_losses(heldout, W, b, 0), W, b, keep=r.keep_best)
+        heldout_seconds = time.perf_counter() - heldout_seconds
+        backtrack = precond is not None and r.keep_best  # the warm recipe's step rule (module docstring)
         step, tokens, losses = 0, warm_tokens, []
-        resumed = self._load_checkpoint()
-        if not self.group.all(resumed is not None):
-            resumed = None  # every process resumes from the same checkpoint, or none does
+        resumed = self._resume(W, b, opt, sched, tracker, chunks, per_step)
         if resumed is not None:
-            self.group.check_same(resumed[0]["step"], "the checkpoint step to resume from")
-            meta, state = resumed
-            step, tokens, losses = meta["step"], meta["tokens"], meta["losses"]
-            with torch.no_grad():
-                W.copy_(state["W"])
-                b.copy_(state["b"])
-            for i, p in enumerate((W, b)):
-                if f"momentum{i}" in state:
-                    opt.state[p]["momentum_buffer"] = state[f"momentum{i}"].clone()
-            sched.load_state_dict(meta["scheduler"])
-            for group, lr in zip(opt.param_groups, sched.get_last_lr()):
-                group["lr"] = lr  # loading a scheduler's state does not set the optimiser's current rate
-            for _ in range(step * per_step):  # the stream is deterministic: skip what was consumed
-                next(chunks)
+            step, tokens, losses, tracker = resumed
         stopped_early = False
         bar = tqdm(total=r.token_budget, initial=tokens, desc=f"tuned lens ({r.name}) on {self.fit_on}", unit="tok",
                    unit_scale=True, disable=not progress)
@@ -224,7 +486,10 @@ class TunedTrainer:
                 if bad:
                     raise TrainingError(f"non-finite {r.loss} loss ({step_losses[bad[0]]}) at layer {bad[0]}, step {step}; "
                                         "the lens is not saved")
-                torch.nn.utils.clip_grad_norm_([W, b], r.clip)
+                if precond is not None:
+                    precond.precondition_(W, b, r.clip, tracker.scale)
+                else:
+                    torch.nn.utils.clip_grad_norm_([W, b], r.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=False)
                 sched.step()
@@ -233,14 +498,25 @@ class TunedTrainer:
                 tokens += step_tokens
                 mean_loss = sum(step_losses) / L
                 losses.append(round(mean_loss, 6))
-                bar.update(step_tokens)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", step=step)
-                self._save_checkpoint(W, b, opt, sched, step, tokens, losses)
                 if r.stop_at is not None and mean_loss <= r.stop_at:
                     stopped_early = True
+                if step % r.heldout_every == 0 or step >= total_steps or stopped_early:
+                    tracker.update(step, self._heldout_losses(heldout, W, b, step), W, b)
+                    if backtrack:
+                        tracker.backtrack_(step, W, b, opt)
+                bar.update(step_tokens)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", heldout=f"{tracker.curve[-1][1]:.4f}", step=step)
+                self._save_checkpoint(W, b, opt, sched, step, tokens, losses, tracker)
+                if stopped_early:
                     break
         finally:
             bar.close()
+        if tracker.curve[-1][0] != step:  # the split ran out between two measurements: measure the last state
+            tracker.update(step, self._heldout_losses(heldout, W, b, step), W, b)
+        if r.keep_best:
+            weight, bias, end = tracker.W, tracker.b, tracker.best
+        else:
+            weight, bias, end = W.detach(), b.detach(), tracker.last
         info = {
             "recipe": r.as_dict(),
             "fit_on": self.fit_on,
@@ -251,9 +527,19 @@ class TunedTrainer:
             "stopped_early": stopped_early,
             "budget_exhausted": step >= total_steps,
             "loss_curve": losses,
+            "heldout_tokens": r.heldout_chunks * r.chunk_len,
+            "heldout_measure": f"{r.loss} (nats), mean over {heldout.total} positions of the held-out chunks",
+            "heldout_seconds_per_measure": round(heldout_seconds, 2),
+            "heldout_start": _rounded(tracker.start),
+            "heldout_end": _rounded(end),
+            "steps_kept": tracker.best_step if r.keep_best else [step] * L,
+            "heldout_curve": [[s, round(v, 6)] for s, v in tracker.curve],
+            "step_scale": tracker.scale if backtrack else None,
             "train_seconds": round(time.perf_counter() - start, 2),
         }
-        return TunedProjector(W.detach().cpu().clone(), b.detach().cpu().clone()), info
+        if not r.keep_best:  # what keep-best would have returned, for comparison
+            info["heldout_best"], info["steps_best"] = _rounded(tracker.best), tracker.best_step
+        return TunedProjector(weight.cpu().clone(), bias.cpu().clone()), info
 
     def _accumulate_gradients(self, W, b, step_chunks: list[torch.Tensor]) -> list[float]:
         """Gradients of the step's mean loss (summed over layers) in W.grad and b.grad; the per-layer losses.
@@ -277,8 +563,8 @@ class TunedTrainer:
                 loss = _lens_loss_sum(lens, projected, final_lp, batch_on_device, r.loss) / n
                 loss.backward()
                 losses[l] = loss.item()
+        if W.grad is None:  # this process scored nothing
+            W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
         if self.group.distributed:
-            grads = [W.grad if W.grad is not None else torch.zeros_like(W), b.grad if b.grad is not None else torch.zeros_like(b)]
-            self.group.sum_([*grads, losses])
-            W.grad, b.grad = grads
+            self.group.sum_([W.grad, b.grad, losses])
         return losses.tolist()

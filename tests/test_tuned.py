@@ -12,6 +12,9 @@ from jtc_lens.harness.corpora import get_corpus
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
 from jtc_lens.harness.tuned_training import TrainingError, TunedRecipe, TunedTrainer
 
+# reads the bundled corpora (training streams and evaluation items)
+pytestmark = pytest.mark.realdata
+
 SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
 
 
@@ -90,14 +93,33 @@ def test_nan_stops_with_layer_and_step():
     recipe = TunedRecipe("tuned-lens", token_budget=64 * 3, **SMALL)
     trainer = TunedTrainer(lens, recipe, "news")
     real = trainer._states
+    calls = {"n": 0}
 
     def poisoned(batch):
+        calls["n"] += 1
         states = real(batch)
-        states[1, 0, 0] = float("nan")  # one NaN in layer 1's input
+        if calls["n"] > 1:  # the first capture is the held-out slice's
+            states[1, 0, 0] = float("nan")  # one NaN in layer 1's input
         return states
 
     trainer._states = poisoned
     with pytest.raises(TrainingError, match=r"non-finite kl loss .* at layer 1, step 0"):
+        trainer.train(progress=False)
+
+
+def test_nan_in_the_heldout_slice_stops_with_layer():
+    model, tok = tiny.build("llama")
+    lens = build_lens_model(model, tok)
+    trainer = TunedTrainer(lens, TunedRecipe("tuned-lens", token_budget=64 * 3, **SMALL), "news")
+    real = trainer._states
+
+    def poisoned(batch):
+        states = real(batch)
+        states[2] = float("nan")
+        return states
+
+    trainer._states = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite held-out kl loss \(nan\) at layer 2 after 0 steps"):
         trainer.train(progress=False)
 
 
@@ -109,7 +131,8 @@ def test_export_import_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["config.json", "params.pt"]
     state = torch.load(tmp_path / "lens" / "params.pt", weights_only=True)
     assert sorted(state)[:2] == ["0.bias", "0.weight"] and state["0.weight"].shape == (32, 32)
-    back = import_tuned_lens(tmp_path / "lens", 3, 32, lens.unembed.weight)
+    back, check = import_tuned_lens(tmp_path / "lens", 3, 32, lens.unembed.weight)
+    assert check["identity_check"].startswith("unembed_sha256")
     torch.testing.assert_close(back.weight, proj.weight)
     torch.testing.assert_close(back.bias, proj.bias)
     other = _lens(seed=5)
@@ -147,4 +170,5 @@ def test_a_published_lens_is_evaluated_without_training(tmp_path):
     responses = Engine(lens).run([EvalRequest("tuned", "wikipedia", "validation", protocol, it, spec) for it in items])
     config = responses[0]["provenance"]["projector_config"]
     assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
+    assert config["identity_check"].startswith("unembed_sha256") and config["allow_unverified_lens"] is False
     assert "tokens_spent" not in config

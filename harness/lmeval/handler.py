@@ -24,7 +24,8 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
     if spec["projector"] == "tuned":
         from ..tuned_training import TunedRecipe
 
-        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]), import_from=spec.get("import_from"))
+        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]), import_from=spec.get("import_from"),
+                        allow_unverified=bool(spec.get("allow_unverified_lens", False)))
     elif spec["projector"] in FITTED:
         fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"],
                       ridge=spec.get("ridge", 0.0))

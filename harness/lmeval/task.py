@@ -118,7 +118,7 @@ class JTCTask(ConfigurableTask):
                 "name": meta["recipe"], "token_budget": meta["token_budget"], "chunk_len": meta["tuned_chunk_len"],
                 "tokens_per_step": meta["tokens_per_step"], "warm_fit_tokens": meta["warm_fit_tokens"],
                 "loss": meta["tuned_loss"], "stop_at": meta["stop_at"], "seed": meta["seed"]},
-                import_from=meta["tuned_lens_path"])
+                import_from=meta["tuned_lens_path"], allow_unverified_lens=meta["allow_unverified_lens"])
         elif meta["projector"] in FITTED:
             spec.update(fit_on=meta["fit_on"], n_fit=meta["n_fit"], pairs=meta["pairs"], ridge=meta["ridge"])
         return Instance(
