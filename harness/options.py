@@ -56,7 +56,8 @@ def _integer(value) -> int:
     return int(str(value).strip())
 
 
-def _int(minimum: int, *, words: dict | None = None, optional: bool = False):
+def _number(convert, check, *, words: dict | None = None, optional: bool = False):
+    """A parser for a number: none (when ``optional``) or one of ``words`` as given, else ``convert`` then ``check``."""
     words = words or {}
 
     def parse(value):
@@ -64,30 +65,33 @@ def _int(minimum: int, *, words: dict | None = None, optional: bool = False):
             return None
         if isinstance(value, str) and value.strip().lower() in words:
             return words[value.strip().lower()]
-        n = _integer(value)
+        x = convert(value)
+        check(x)
+        return x
+    return parse
+
+
+def _int(minimum: int, *, words: dict | None = None, optional: bool = False):
+    def check(n):
         if n < minimum:
             raise ValueError(f"below {minimum}")
-        return n
-    return parse
+    return _number(_integer, check, words=words, optional=optional)
+
+
+def _real(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    x = float(value)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError("not finite")
+    return x
 
 
 def _float(minimum: float, *, optional: bool = False, words: dict | None = None, strict: bool = False):
-    words = words or {}
-
-    def parse(value):
-        if optional and _none_words(value):
-            return None
-        if isinstance(value, str) and value.strip().lower() in words:
-            return words[value.strip().lower()]
-        if isinstance(value, bool):
-            raise ValueError("a boolean is not a number")
-        x = float(value)
-        if x != x or x in (float("inf"), float("-inf")):
-            raise ValueError("not finite")
+    def check(x):
         if x < minimum or (strict and x == minimum):
             raise ValueError(f"{'at or ' if strict else ''}below {minimum}")
-        return x
-    return parse
+    return _number(_real, check, words=words, optional=optional)
 
 
 def _choice(*values: str):
