@@ -114,8 +114,7 @@ def malicious_pickle_in_a_tuned_lens(env: Env) -> str:
     folder = env.tmp / "lens"
     write(folder / "config.json", json.dumps({"d_model": 32, "num_hidden_layers": 3, "lens_type": "linear_tuned_lens"}))
     write(folder / "params.pt", pickle.dumps({"0.weight": Payload()}))
-    # allowed unverified (the config names no unembedding hash), so that reading params.pt is what gets refused
-    message = raised(import_tuned_lens, folder, 3, 32, None, True)
+    message = raised(import_tuned_lens, folder, 3, 32, None, True)  # identity unchecked: the pickle is what is tested
     assert not marker.exists()  # the payload never ran
     return message
 
