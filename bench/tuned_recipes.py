@@ -91,6 +91,14 @@ def main() -> int:
     print("| mean KL (bits) | " + " | ".join(f"{sum(kl_bits[n]) / L:.3f}" for n in names) + " |")
     for l in range(L):
         print(f"| KL layer {l} | " + " | ".join(f"{kl_bits[n][l]:.3f}" for n in names) + " |")
+    print("\nHeld-out slice (the first chunks of the stream, never trained on), KL in nats per layer:\n")
+    print("| recipe | start (mean) | returned lens (mean) | layers no worse than start | largest rise | steps kept |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, info in (("tuned-lens (last state)", info_pub), ("warm (best state per layer)", info_warm)):
+        start_kl, end_kl = info["heldout_start"], info["heldout_end"]
+        rises = [e - s for s, e in zip(start_kl, end_kl)]
+        print(f"| {name} | {sum(start_kl) / L:.4f} | {sum(end_kl) / L:.4f} | {sum(r <= 0 for r in rises)}/{L} | "
+              f"{max(rises):+.4f} | {_kept(info['steps_kept'])} |")
     ratio = warm_seconds / pub_seconds
     reached = sum(kl_bits["tuned (warm)"]) <= sum(kl_bits["tuned (tuned-lens recipe)"])
     print(f"\nPublished recipe: {info_pub['steps']} steps, final training loss {target:.4f} nats (mean of the last 3 steps), "
@@ -98,6 +106,12 @@ def main() -> int:
           f"{info_warm['warm_fit_tokens']:,} tokens, then {info_warm['steps']} SGD steps, {warm_seconds:.1f} s in all.")
     print(f"Warm / published wall time: {ratio:.3f} (goal <= 0.25); warm validation KL at or below the published one: {reached}.")
     return 0 if ratio <= 0.25 and reached else 1
+
+
+def _kept(steps: list[int]) -> str:
+    """How many layers' returned state comes from each step, e.g. "0: 25, 1: 5"."""
+    counts = {s: steps.count(s) for s in sorted(set(steps))}
+    return ", ".join(f"{s}: {n}" for s, n in counts.items())
 
 
 if __name__ == "__main__":
