@@ -25,6 +25,7 @@ class Encoded:
     positions: list[int]  # scored positions in input_ids
     targets: list[int]  # the true token at each scored position's prediction (next token, or the masked one); NO_TARGET: none
     bos_added: bool
+    length: int = 0  # tokens of the whole item, before the cut after its last scored position
 
     @property
     def at_position_zero(self) -> bool:
@@ -45,7 +46,7 @@ def encode(item: Item, tokenizer, protocol: ProtocolConfig, masked: bool, max_le
         pos = candidates[min(int(item.u * len(candidates)), len(candidates) - 1)]
         target = ids[pos]
         ids[pos] = tokenizer.mask_token_id
-        return Encoded(item.item_id, ids, [pos], [target], False)
+        return Encoded(item.item_id, ids, [pos], [target], False, len(ids))
     if max_length is not None:
         ids = ids[:max_length]
     positions = scored_positions(len(ids), protocol, item.u)
@@ -54,7 +55,7 @@ def encode(item: Item, tokenizer, protocol: ProtocolConfig, masked: bool, max_le
         raise TooShort(f"item {item.item_id} has {len(ids)} token(s): no position{needs} to score")
     targets = [ids[p + 1] if p + 1 < len(ids) else NO_TARGET for p in positions]
     # Causal models see nothing after the scored positions: the input is cut after the last one.
-    return Encoded(item.item_id, ids[: positions[-1] + 1], positions, targets, bos_added)
+    return Encoded(item.item_id, ids[: positions[-1] + 1], positions, targets, bos_added, len(ids))
 
 
 @dataclass

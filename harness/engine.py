@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import nonfinite
+from . import early_exit, nonfinite
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
 from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
-from .metrics import LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
+from .metrics import CONFIDENCE, LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import NO_TARGET, Item, ProtocolConfig
@@ -35,6 +35,8 @@ LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
 # 262k vocabulary), which a few rows cannot amortise.
 MIN_LOGIT_ROWS = 128
+ANALYSES = ("lens", "exit")
+EXIT_PROJECTORS = ("id", "mat", "tuned")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,16 @@ class EvalRequest:
     protocol: ProtocolConfig
     item: Item
     fit: FitSpec | TunedSpec | None = None
+    analysis: str = "lens"  # lens: the item's lens metrics; exit: its early-exit record
+    base: tuple | None = None  # exit: the key (name, fit) of the projector it is paired with, on the same items
 
     def __post_init__(self):
+        if self.analysis not in ANALYSES:
+            raise ValueError(f"unknown analysis {self.analysis!r}; known: {', '.join(ANALYSES)}")
+        if self.analysis == "exit" and self.projector not in EXIT_PROJECTORS:
+            raise ValueError(f"early exit is measured with {', '.join(EXIT_PROJECTORS)}, not {self.projector!r}")
+        if self.base is not None and (self.analysis != "exit" or self.base[0] not in EXIT_PROJECTORS):
+            raise ValueError(f"a paired base projector ({self.base[0]!r}) is for early exit with {', '.join(EXIT_PROJECTORS)}")
         if self.projector not in NAMES:
             raise ValueError(f"unknown projector {self.projector!r}; known: {', '.join(NAMES)}")
         if (self.projector in FITTED) != (self.fit is not None):
@@ -57,6 +67,11 @@ class EvalRequest:
     @property
     def projector_key(self) -> tuple:
         return (self.projector, self.fit)
+
+    @property
+    def projector_keys(self) -> tuple:
+        """Every projector the request needs scored: its own and its paired base."""
+        return (self.projector_key,) + ((self.base,) if self.base is not None else ())
 
     @property
     def group_key(self) -> tuple:
@@ -86,11 +101,16 @@ class Engine:
             by_group[r.group_key].append(i)
         # Every process fits and visits the same projectors and sets, in the same order, even those it has
         # no items of: the collectives inside must match up.
-        wanted = {g: {requests[i].projector_key for i in idx} for g, idx in by_group.items()}
+        wanted = {g: {k for i in idx for k in requests[i].projector_keys} for g, idx in by_group.items()}
+        exits = {g: {k for i in idx if requests[i].analysis == "exit" for k in requests[i].projector_keys}
+                 for g, idx in by_group.items()}
         merged: dict[tuple, set] = defaultdict(set)
-        for theirs in self.group.gather(wanted):
+        merged_exits: dict[tuple, set] = defaultdict(set)
+        for theirs, their_exits in self.group.gather((wanted, exits)):
             for g, keys in theirs.items():
                 merged[g] |= keys
+            for g, keys in their_exits.items():
+                merged_exits[g] |= keys
         projectors, fit_info = self._projectors(set().union(*merged.values()))
         results = {}
         for group in sorted(merged, key=repr):
@@ -100,18 +120,24 @@ class Engine:
                 if items.setdefault(item.item_id, item) != item:
                     raise ValueError(f"two requests name item {item.item_id} with different contents")
             keys = sorted(merged[group], key=repr)
-            results[group] = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys})
+            results[group] = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys},
+                                               exit_keys=merged_exits[group])
         resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size,
                      "run_seconds": round(time.perf_counter() - start, 2), "run_requests": len(requests)}
         responses: list[dict | None] = [None] * len(requests)
         records: dict[tuple, dict] = {}  # one provenance record per evaluation set and projector, shared by its items
         for i, r in enumerate(requests):
             per_item, prov = results[r.group_key][r.projector_key]
-            key = (r.group_key, r.projector_key)
+            key = (r.group_key, r.projector_key, r.analysis, r.base)
             if key not in records:
                 record = {**prov, **resources, "projector_config": self._projector_config(r, fit_info)}
+                if r.analysis == "exit":
+                    record["exit"] = self._exit_summary(r, results[r.group_key], fit_info)
                 records[key] = {**record, "record_id": sha256_json(record)[:16]}
-            responses[i] = {**per_item[r.item.item_id], "provenance": records[key]}
+            values = per_item[r.item.item_id]
+            if r.analysis == "exit" and "skipped" not in values:
+                values = {"exit": self._exit_record(r, results[r.group_key]["exit"], r.item.item_id)}
+            responses[i] = {**values, "provenance": records[key]}
         log.info("jtc: %d requests scored in %.1f s; peak memory %s", len(requests), time.perf_counter() - start,
                  resources["peak_memory"])
         return responses  # type: ignore[return-value]
@@ -136,6 +162,36 @@ class Engine:
                 out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
         return out, fit_info
 
+    # -- early exit -------------------------------------------------------------------------------
+
+    def _exit_record(self, request: EvalRequest, exit_data: dict, item_id: str) -> dict:
+        """An item's early-exit record: its positions, and per exit layer the confidence and correctness of the
+        projector and of its paired base (what the lm-eval aggregation recomputes the curve from)."""
+        mine = exit_data["items"][item_id]
+        record = {"item_id": item_id, "blocks": self.lens.num_layers, "length": mine["length"], "t": mine["t"],
+                  "lens": mine["by_projector"][request.projector_key], "seed": request.protocol.seed,
+                  "base_projector": request.base[0] if request.base else None}
+        if request.base is not None:
+            record["base"] = mine["by_projector"][request.base]
+        return record
+
+    def _exit_summary(self, request: EvalRequest, group_results: dict, fit_info: dict) -> dict:
+        """The evaluation set's exit curve (every process's items), and the paired difference with the base."""
+        exit_data = group_results["exit"]
+        records = [self._exit_record(request, exit_data, item_id) for item_id in sorted(exit_data["items"])]
+        summary = {"rule": "exit at the first layer l in 1..L-1 whose confidence p_top1 - p_top2 exceeds "
+                           "0.9*lambda + 0.1*exp(-4 t / N); no exit: all L blocks and the model's own output",
+                   "items": len(records), "mean_input_length": round(early_exit.mean_input_length(records), 4),
+                   "curve": early_exit.curve(records)}
+        if request.base is not None:
+            summary["base"] = {"projector": request.base[0],
+                               "config": self._projector_config(EvalRequest(request.base[0], *request.group_key,
+                                                                            request.item, request.base[1]), fit_info),
+                               "curve": early_exit.curve(records, "base")}
+            summary["paired_difference"] = {str(r): early_exit.paired_difference(records, r, request.protocol.seed)
+                                            for r in early_exit.RETENTIONS}
+        return summary
+
     def _projector_config(self, request: EvalRequest, fit_info: dict) -> dict:
         if request.fit is None:
             return {"name": request.projector}
@@ -145,8 +201,11 @@ class Engine:
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def evaluate_set(self, group: tuple, items: list[Item], projectors: dict[tuple, Projector]) -> dict:
-        """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol)."""
+    def evaluate_set(self, group: tuple, items: list[Item], projectors: dict[tuple, Projector],
+                     exit_keys: set | frozenset = frozenset()) -> dict:
+        """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol).
+        For the projectors in ``exit_keys``, also the per-position exit values of every process's items,
+        under the key "exit"."""
         distribution, split, protocol = group
         lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
         encoded, too_short = encode_all(items, lens.tokenizer, protocol, lens.masked, self.max_length)
@@ -163,6 +222,7 @@ class Engine:
         bad_projector: dict[str, dict] = {}  # items a projector turned non-finite (a projector fault: never dropped)
         pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
         sources = list(range(L))
+        exit_parts: dict[tuple, list] = {key: [] for key in exit_keys}  # (owner, token position, confidence, correct)
         with torch.no_grad(), tqdm(total=N, desc=f"jtc {distribution}/{split} ({len(projectors)} projectors)", unit="item") as bar:
             for batch in batches(encoded, self.batch_size, pad):
                 bar.update(len(batch.encoded))
@@ -170,13 +230,14 @@ class Engine:
                 states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
                 final_logits = lens.readout(states[L]).float()
                 targets = batch.targets.to(final_logits.device)
+                cols = batch.cols
                 mask, first = nonfinite.bad_positions(states, final_logits)
                 if mask.any():
                     # the item leaves before anything is pooled over items (r^2's target variance)
                     found = nonfinite.per_item([e.item_id for e in encoded], owner, mask, first)
                     bad_model.update(found)
                     keep = torch.tensor([encoded[o].item_id not in found for o in owner.tolist()])
-                    owner, targets = owner[keep], targets[keep.to(targets.device)]
+                    owner, targets, cols = owner[keep], targets[keep.to(targets.device)], cols[keep]
                     states, final_logits = states[:, keep.to(states.device)], final_logits[keep.to(final_logits.device)]
                 if not len(owner) or (bad_model and self.on_nonfinite == "error"):
                     continue  # the run will stop: only the list of bad items is still wanted
@@ -195,6 +256,9 @@ class Engine:
                     for key, projector in projectors.items():
                         projected = projector.project(states[:, sl], sources, L)
                         scores = self._slice_scores(part, projected, targets[sl], layer_step)
+                        confidence = scores.pop(CONFIDENCE)
+                        if key in exit_parts:  # exit points: the states after blocks 1..L-1
+                            exit_parts[key].append((owner[sl], cols[sl], confidence[1:].T.cpu(), scores["p@1"][1:].T.cpu()))
                         # undefined without a next token, not 0: n_next counts the positions that have one
                         scores["xent"] = torch.where(has_next[sl][None], scores["xent"], 0.0)
                         self._note_nonfinite(key, projected, scores, owner[sl], encoded, bad_projector)
@@ -270,7 +334,31 @@ class Engine:
                 key_prov["without_position_0"] = without_pos0[key]
             out[key] = (per_item, key_prov)
         self._check_same_metrics(items, out, where)
+        if exit_keys:
+            out["exit"] = self._exit_values(exit_parts, encoded, dropped)
         return out
+
+    def _exit_values(self, exit_parts: dict, encoded: list, dropped: dict) -> dict:
+        """Per item of every process (an item several processes scored: the first one's), its length, scored
+        token positions and, per projector, confidence and correctness at exit layers 1..L-1, per position."""
+        mine = {}
+        for k, e in enumerate(encoded):
+            if e.item_id not in dropped:
+                mine[e.item_id] = {"length": e.length, "t": [], "by_projector": {key: {"conf": [], "correct": []}
+                                                                              for key in exit_parts}}
+        for key, parts in exit_parts.items():
+            for owner, cols, conf, correct in parts:
+                for o, t, c, ok in zip(owner.tolist(), cols.tolist(), conf.tolist(), correct.tolist()):
+                    entry = mine[encoded[o].item_id]
+                    if key == next(iter(exit_parts)):
+                        entry["t"].append(t)
+                    entry["by_projector"][key]["conf"].append([round(x, 5) for x in c])
+                    entry["by_projector"][key]["correct"].append([int(x) for x in ok])
+        every: dict[str, dict] = {}
+        for theirs in self.group.gather(mine):
+            for item_id, entry in theirs.items():
+                every.setdefault(item_id, entry)
+        return {"items": every}
 
     def _check_same_metrics(self, items: list, out: dict, where: str) -> None:
         """Every process that scored items of a set must report the same metrics: lm-eval 0.4.13 merges the

@@ -19,6 +19,7 @@ LENS_METRICS = ("p@1", "p@5", "p@10", "surprisal", "kl", "xent", "entropy")
 # in [0, 1], so a layer mean says nothing about the other layers.
 R2_METRICS = ("r2", "r2w")
 NATS_PER_BIT = math.log(2.0)
+CONFIDENCE = "confidence"  # also returned by lens_metrics_from: p_top1 - p_top2, what early exit thresholds
 # Direction of every per-layer metric (None: neither); lm-eval reports it, the leaderboard says which projector is better by it.
 HIGHER_IS_BETTER = {"p@1": True, "p@5": True, "p@10": True, "surprisal": False, "kl": False, "xent": False,
                     "entropy": None, "r2": True, "r2w": True}
@@ -56,7 +57,8 @@ def final_stats(final_logits: torch.Tensor, chunk: int = 1 << 22) -> FinalStats:
 
 
 def lens_metrics(final_logits: torch.Tensor, lens_logits: torch.Tensor, next_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token and entropy, each (S, P).
+    """Precision@k, surprisal, KL(p_final || p_lens), cross-entropy to the next token, entropy and the confidence
+    p_top1 - p_top2, each (S, P).
     Cross-entropy is NaN at positions whose next token is negative (none)."""
     return lens_metrics_from(final_stats(final_logits), lens_logits, next_tokens)
 
@@ -74,7 +76,8 @@ def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens:
     ``expected_logit``, sum_v p_v z_v (S, P), may come from a cheaper route (see Engine._score).
     """
     z = lens_logits.float()
-    zmax, top1 = z.max(dim=-1)  # (S, P)
+    best = z.topk(2, dim=-1)  # top-2 costs about what max does, and gives the exit confidence
+    zmax, top1, second = best.values[..., 0], best.indices[..., 0], best.values[..., 1]  # (S, P)
     q = torch.softmax(z, dim=-1)
     total = q.sum(dim=-1)
     # max z is exact and the correction small: added in float64, lse keeps its precision when logits are large
@@ -92,6 +95,8 @@ def lens_metrics_from(final: FinalStats, lens_logits: torch.Tensor, next_tokens:
     true_logit = z.gather(-1, next_tokens.clamp_min(0)[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
     out["xent"] = torch.where(has_next[None], (lse64 - true_logit.double()).float(), torch.full_like(lse, float("nan")))
     out["entropy"] = (lse64 - (torch.linalg.vecdot(q, z) / total).double()).float()
+    # early exit's confidence, p_top1 - p_top2 of the lens distribution (not a reported lens metric)
+    out[CONFIDENCE] = ((zmax.double() - lse64).exp() - (second.double() - lse64).exp()).float()
     return out
 
 

@@ -20,7 +20,7 @@ PROTOCOLS = ("paper", "dense")
 RECIPES = ("tuned-lens", "warm")
 # Keys a task sets for itself (task YAMLs and the task class) or lm-eval adds to every task's metadata
 # (config_source: the YAML it was read from), not options a user passes.
-TASK_KEYS = ("projector", "distribution", "custom", "version", "provenance", "config_source")
+TASK_KEYS = ("projector", "distribution", "analysis", "custom", "version", "provenance", "config_source")
 
 
 class OptionError(ValueError):

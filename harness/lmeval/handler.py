@@ -29,6 +29,14 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
     elif spec["projector"] in FITTED:
         fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"],
                       ridge=spec.get("ridge", 0.0))
+    base = None
+    if spec.get("base"):
+        b = spec["base"]
+        base_fit = None
+        if b["projector"] in FITTED:
+            base_fit = FitSpec(fit_on=b["fit_on"], protocol=protocol, n_fit=int(b["n_fit"]), pairs=b["pairs"],
+                               ridge=b.get("ridge", 0.0))
+        base = (b["projector"], base_fit)
     return EvalRequest(
         projector=spec["projector"],
         distribution=spec["distribution"],
@@ -36,6 +44,8 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
         protocol=protocol,
         item=Item(spec["item_id"], text, float(spec["u"])),
         fit=fit,
+        analysis=spec.get("analysis", "lens"),
+        base=base,
     )
 
 

@@ -16,8 +16,9 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
+from .. import early_exit
 from ..corpora import get_corpus
-from ..engine import METRICS
+from ..engine import ANALYSES, EXIT_PROJECTORS, METRICS
 from ..metrics import HIGHER_IS_BETTER
 from ..options import FITTED, PROJECTORS, OptionError, parse_options
 from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
@@ -28,10 +29,11 @@ handler.install()
 
 
 class _MeanForEveryMetric(dict):
-    """Every per-layer metric aggregates by lm-eval's own ``mean`` (closed-form standard error)."""
+    """Every per-layer metric aggregates by lm-eval's own ``mean`` (closed-form standard error); an early-exit
+    metric by its own function, which recomputes the exit curve from every item's record."""
 
     def __missing__(self, key):
-        return mean
+        return early_exit.AGGREGATIONS.get(key, mean)
 
 
 class JTCTask(ConfigurableTask):
@@ -53,6 +55,12 @@ class JTCTask(ConfigurableTask):
                 raise ValueError(f"task {config.get('task')}: metadata needs {key!r}")
         if meta["projector"] not in PROJECTORS:
             raise ValueError(f"task {config.get('task')}: unknown projector {meta['projector']!r}; known: {', '.join(PROJECTORS)}")
+        meta["analysis"] = meta.get("analysis") or "lens"
+        if meta["analysis"] not in ANALYSES:
+            raise ValueError(f"task {config.get('task')}: unknown analysis {meta['analysis']!r}; known: {', '.join(ANALYSES)}")
+        if meta["analysis"] == "exit" and meta["projector"] not in EXIT_PROJECTORS:
+            raise ValueError(f"task {config.get('task')}: early exit is measured with {', '.join(EXIT_PROJECTORS)}, "
+                             f"not {meta['projector']!r}")
         meta["fit_on"] = meta.get("fit_on") or meta["distribution"]
         if meta["stride"] is not None and meta["stride"] > meta["chunk_len"]:
             raise OptionError(f"task {config.get('task')}: option stride={meta['stride']} is larger than chunk_len={meta['chunk_len']}")
@@ -113,6 +121,11 @@ class JTCTask(ConfigurableTask):
             "batch_size": meta["jtc_batch_size"],
             "on_nonfinite": meta["on_nonfinite"],
         }
+        if meta["analysis"] == "exit":
+            spec["analysis"] = "exit"
+            base = early_exit.PAIRED_BASE.get(meta["projector"])
+            if base is not None:
+                spec["base"] = {"projector": base, **(self._least_squares_spec() if base in FITTED else {})}
         if meta["projector"] == "tuned":
             spec.update(fit_on=meta["fit_on"], recipe={
                 "name": meta["recipe"], "token_budget": meta["token_budget"], "chunk_len": meta["tuned_chunk_len"],
@@ -120,7 +133,7 @@ class JTCTask(ConfigurableTask):
                 "loss": meta["tuned_loss"], "stop_at": meta["stop_at"], "seed": meta["seed"]},
                 import_from=meta["tuned_lens_path"], allow_unverified_lens=meta["allow_unverified_lens"])
         elif meta["projector"] in FITTED:
-            spec.update(fit_on=meta["fit_on"], n_fit=meta["n_fit"], pairs=meta["pairs"], ridge=meta["ridge"])
+            spec.update(self._least_squares_spec())
         return Instance(
             request_type=handler.REQUEST_TYPE,
             doc=doc,
@@ -128,6 +141,10 @@ class JTCTask(ConfigurableTask):
             idx=0,
             metadata=kwargs.get("metadata", (self.config.task, None, 1)),
         )
+
+    def _least_squares_spec(self) -> dict:
+        meta = self._meta
+        return {"fit_on": meta["fit_on"], "n_fit": meta["n_fit"], "pairs": meta["pairs"], "ridge": meta["ridge"]}
 
     def process_results(self, doc, results):
         (response,) = results
@@ -137,6 +154,12 @@ class JTCTask(ConfigurableTask):
             recorded = self.config.metadata.setdefault("provenance", prov)
             if recorded is not prov and recorded != prov:
                 raise RuntimeError(f"{self.config.task}: items were scored under different provenance records")
+        if self._meta["analysis"] == "exit":
+            # the same record under every headline metric: each aggregation recomputes the curve from all of them
+            metrics = {m: values["exit"] for m in early_exit.metric_names(self._meta["projector"])} if "exit" in values else {}
+            for key in metrics:
+                self._jtc_higher_is_better.setdefault(key, True)
+            return metrics
         metrics = {k: v for k, v in values.items() if k.split(".")[0] in METRICS}
         for key in metrics:
             self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0]])
