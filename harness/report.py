@@ -26,7 +26,7 @@ def layer_table(results_file: Path, metric: str = "p@1") -> str:
     by_dist: dict[str, dict[str, dict]] = {}
     for task, res in data["results"].items():
         m = _TASK.match(task)
-        if m:
+        if m and (data["configs"].get(task, {}).get("metadata") or {}).get("analysis", "lens") == "lens":
             by_dist.setdefault(m["distribution"], {})[m["projector"]] = {"res": res, "config": data["configs"].get(task, {})}
     out = []
     for dist, projectors in sorted(by_dist.items()):

@@ -123,6 +123,12 @@ def summarise(results_file: Path) -> list[str]:
     for task, res in sorted(data["results"].items()):
         if not task.startswith("jtc_"):
             continue
+        if "saved@95,none" in res:  # an early-exit task
+            diff = (f"  vs its base {res['saved_diff@95,none']:+.4f} [{res['saved_diff@95_lo,none']:+.4f}, "
+                    f"{res['saved_diff@95_hi,none']:+.4f}]" if "saved_diff@95,none" in res else "")
+            rows.append(f"  {task:28s} blocks saved at 99/95/90% retention {res['saved@99,none']:.4f} / "
+                        f"{res['saved@95,none']:.4f} / {res['saved@90,none']:.4f}{diff}")
+            continue
         rows.append(f"  {task:28s} P@1 {res.get('p@1,none', float('nan')):.4f}  KL {res.get('kl,none', float('nan')):.4f} nats"
                     f"  r2 median {layer_median(res, 'r2'):.4f}  r2w median {layer_median(res, 'r2w'):.4f}")
     provs = [c.get("metadata", {}).get("provenance") or {} for c in data.get("configs", {}).values()]

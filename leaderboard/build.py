@@ -126,6 +126,29 @@ def metric_charts(tasks: list[read.TaskRun], families: list[tables.Family], cont
     return charts
 
 
+EXIT_RETENTIONS = ("0.99", "0.95", "0.9")
+# The paper's figures (24-layer GPT-2, 95% retention), shown beside ours
+PAPER_EXIT = {"mat": 0.138, "id": 0.059}
+
+
+def exit_view(exits: list[read.ExitRun], model_name: str) -> list[dict]:
+    """Per distribution: a table of blocks saved per projector with the paired differences, and the
+    accuracy / blocks-used curve of each projector (one point per lambda)."""
+    order = {"id": 0, "mat": 1, "tuned": 2}
+    views = []
+    for dist in sorted({e.distribution for e in exits}):
+        runs = sorted((e for e in exits if e.distribution == dist), key=lambda e: order.get(e.projector, 9))
+        series = []
+        for k, e in enumerate(runs):
+            lam, used, acc = e.curve["lambdas"], e.curve["fraction_used"], e.curve["accuracy"]
+            tips = [f"{e.projector}, lambda {l:.2f}: {u:.3f} of the blocks, accuracy {a:.3f}" for l, u, a in zip(lam, used, acc)]
+            series.append(svg.Series(label=e.projector, xs=list(used), ys=list(acc), tips=tips, projector=e.projector, index=k))
+        chart = svg.line_chart(series, title=f"Early exit, {model_name} on {dist}", y_label="accuracy (P@1 vs the model)",
+                               x_label="fraction of blocks used", y_range=(None, 1.0))
+        views.append({"distribution": dist, "runs": runs, "chart": chart})
+    return views
+
+
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
     L = tasks[0].num_layers
     out = []
@@ -228,7 +251,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                 "no0_metrics": [k for k in read.ALL_METRICS
                                 if all(t.without_position_0 and k in t.without_position_0["layers"] for t in tasks)],
             })
-        model_pages.append((m, sections))
+        model_pages.append((m, sections, exit_view([e for e in loaded.exits if e.model_key == m.key], m.name)))
 
     transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
                                  without_position_0=without_position_0)
@@ -241,6 +264,11 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
         transfer_views.append({"t": tr, "charts": metric_charts(shown, tr.families, f"{tr.model.name} on {tr.task.distribution}",
                                                                 fit_labels=True)})
 
+    shown = {m.key for m in all_models}
+    for e in loaded.exits:
+        if e.model_key not in shown:
+            warnings.append(Problem(str(e.results_file), f"task {e.task}: early exit of a model with no lens task in the "
+                                                         "results; it has no model page to be shown on"))
     for w in warnings:
         print(f"jtc leaderboard: warning: {w}", file=stream)
 
@@ -255,8 +283,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
 
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
           superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
-    for m, sections in model_pages:
-        write(m.page, "model.html.j2", model=m, sections=sections)
+    for m, sections, exits in model_pages:
+        write(m.page, "model.html.j2", model=m, sections=sections, exits=exits, exit_retentions=EXIT_RETENTIONS,
+              paper_exit=PAPER_EXIT)
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)

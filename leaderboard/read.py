@@ -115,6 +115,32 @@ class TaskRun:
 
 
 @dataclass
+class ExitRun:
+    """One early-exit task of one results file: a projector's exit curve on one distribution, and its paired
+    difference with its base projector (both from the task's provenance and headline metrics)."""
+
+    task: str
+    projector: str
+    distribution: str
+    model_key: str
+    num_layers: int
+    items: int
+    saved: dict[str, float]  # retention ("0.95") -> fraction of blocks saved
+    curve: dict  # lambdas, fraction_used, accuracy
+    base: str | None
+    base_curve: dict | None
+    paired: dict  # retention -> {difference, low, high, resamples, seed}
+    mean_input_length: float | None
+    provenance: dict
+    results_file: Path
+    date: float
+
+    @property
+    def anchor(self) -> str:
+        return _slug(f"{self.results_file.parent.name}-{self.task}")
+
+
+@dataclass
 class Run:
     """One results file."""
 
@@ -125,6 +151,7 @@ class Run:
     model_name: str | None
     lm_eval_version: str | None
     tasks: list[TaskRun] = field(default_factory=list)
+    exits: list[ExitRun] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +160,7 @@ class Loaded:
     tasks: list[TaskRun]  # the newest run of every (model, projector, distribution, fit distribution)
     superseded: list[TaskRun]
     warnings: list[Problem]
+    exits: list[ExitRun] = field(default_factory=list)  # the newest of every (model, projector, distribution)
 
 
 def _slug(text: str) -> str:
@@ -290,6 +318,35 @@ def _without_position_0(prov: dict, L: int, items) -> dict | None:
     return None
 
 
+def _analysis(config) -> str:
+    meta = config.get("metadata") if isinstance(config, dict) else None
+    return str(meta.get("analysis") or "lens") if isinstance(meta, dict) else "lens"
+
+
+def _exit_task(task: str, res: dict, config: dict, path: Path, run: Run) -> ExitRun:
+    meta = config["metadata"]
+    prov = meta.get("provenance")
+    if not isinstance(prov, dict) or not isinstance(prov.get("exit"), dict) or not isinstance(prov.get("model"), dict):
+        raise ValueError("configs.<task>.metadata.provenance.exit is missing (an incomplete early-exit run)")
+    summary = prov["exit"]
+    curve = summary.get("curve") or {}
+    for key in ("lambdas", "fraction_used", "accuracy"):
+        if not isinstance(curve.get(key), list) or not curve[key]:
+            raise ValueError(f"provenance.exit.curve.{key} is missing")
+    saved = {}
+    for r, name in (("0.99", "saved@99"), ("0.95", "saved@95"), ("0.9", "saved@90")):
+        if f"{name},none" not in res:
+            raise ValueError(f"partial results: {name} is missing")
+        saved[r] = _finite(res[f"{name},none"], name)
+    base = summary.get("base") if isinstance(summary.get("base"), dict) else None
+    return ExitRun(task=task, projector=str(meta.get("projector")), distribution=str(prov.get("distribution")),
+                   model_key=_model_key(prov["model"]), num_layers=int(prov["model"].get("num_layers") or 0),
+                   items=int(summary.get("items") or 0), saved=saved, curve=curve,
+                   base=base.get("projector") if base else None, base_curve=base.get("curve") if base else None,
+                   paired=summary.get("paired_difference") or {}, mean_input_length=summary.get("mean_input_length"),
+                   provenance=prov, results_file=path, date=run.date or (_parse_date(prov.get("date")) or 0.0))
+
+
 def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
     """One results file: its valid jtc tasks, and a warning (naming the file) for everything else."""
     name = str(path)
@@ -314,8 +371,12 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
     for task, res in sorted(data["results"].items()):
         if not _TASK.match(task):
             continue  # other lm-eval tasks may share a run; they are not ours to show
+        config = data["configs"].get(task)
         try:
-            run.tasks.append(_task(task, res, data["configs"].get(task), data, path, run))
+            if _analysis(config) == "exit":
+                run.exits.append(_exit_task(task, res, config, path, run))
+                continue
+            run.tasks.append(_task(task, res, config, data, path, run))
         except (ValueError, TypeError, AttributeError) as exc:
             warnings.append(Problem(name, f"task {task}: {exc}; task skipped"))
     for t in run.tasks:
@@ -327,7 +388,7 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
         if t.samples_file is None:
             warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
                                            "--log_samples); its paired tests are not computed"))
-    if not run.tasks and not warnings:
+    if not run.tasks and not run.exits and not warnings:
         warnings.append(Problem(name, "holds no jtc tasks"))
     return run, warnings
 
@@ -354,7 +415,14 @@ def load(paths: list[str | Path]) -> Loaded:
             if kept is not t:
                 t.superseded_by = kept
                 superseded.append(t)
-    return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings)
+    exits: dict[tuple, ExitRun] = {}
+    for run in runs:
+        for e in run.exits:
+            key = (e.model_key, e.projector, e.distribution)
+            if key not in exits or (e.date, str(e.results_file)) > (exits[key].date, str(exits[key].results_file)):
+                exits[key] = e
+    return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings,
+                  exits=list(exits.values()))
 
 
 # ---------------------------------------------------------------------------------------------
