@@ -26,6 +26,7 @@ from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Project
 from .protocols import NO_TARGET, Item, ProtocolConfig
 from .provenance import model_record, peak_memory, utc_now, versions
 from .store import sha256_json
+from .submodules import PARTS
 
 log = logging.getLogger(__name__)
 METRICS = LENS_METRICS + R2_METRICS
@@ -35,7 +36,7 @@ LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
 # 262k vocabulary), which a few rows cannot amortise.
 MIN_LOGIT_ROWS = 128
-ANALYSES = ("lens", "exit")
+ANALYSES = ("lens", "exit", "submodule")
 EXIT_PROJECTORS = ("id", "mat", "tuned")
 
 
@@ -49,12 +50,17 @@ class EvalRequest:
     fit: FitSpec | TunedSpec | None = None
     analysis: str = "lens"  # lens: the item's lens metrics; exit: its early-exit record
     base: tuple | None = None  # exit: the key (name, fit) of the projector it is paired with, on the same items
+    part: str | None = None  # submodule: attn, ffn or norm (the request's projector, mat, is the baseline and its fit the maps')
+    every: int = 1  # submodule: every k-th start layer
 
     def __post_init__(self):
         if self.analysis not in ANALYSES:
             raise ValueError(f"unknown analysis {self.analysis!r}; known: {', '.join(ANALYSES)}")
         if self.analysis == "exit" and self.projector not in EXIT_PROJECTORS:
             raise ValueError(f"early exit is measured with {', '.join(EXIT_PROJECTORS)}, not {self.projector!r}")
+        if self.analysis == "submodule" and (self.projector != "mat" or self.part not in PARTS):
+            raise ValueError(f"a sub-module request names a part of {', '.join(PARTS)} (not {self.part!r}) and the mat "
+                             "projector as its baseline and fit")
         if self.base is not None and (self.analysis != "exit" or self.base[0] not in EXIT_PROJECTORS):
             raise ValueError(f"a paired base projector ({self.base[0]!r}) is for early exit with {', '.join(EXIT_PROJECTORS)}")
         if self.projector not in NAMES:
@@ -95,6 +101,62 @@ class Engine:
     def run(self, requests: list[EvalRequest]) -> list[dict]:
         """One dict per request: the item's metric values, and under "provenance" the record of how they were
         obtained (one record object shared by every item of the same evaluation set and projector)."""
+        studies = [i for i, r in enumerate(requests) if r.analysis == "submodule"]
+        others = [i for i, r in enumerate(requests) if r.analysis != "submodule"]
+        responses: list[dict | None] = [None] * len(requests)
+        for i, response in zip(others, self._run_lenses([requests[i] for i in others])):
+            responses[i] = response
+        for i, response in zip(studies, self._run_submodules([requests[i] for i in studies])):
+            responses[i] = response
+        return responses  # type: ignore[return-value]
+
+    def _run_submodules(self, requests: list[EvalRequest]) -> list[dict]:
+        """The sub-module study of every (evaluation set, fit, every) asked for, on every process together."""
+        from .submodule_study import get_maps, parts_of, study
+
+        by_key: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_key[(r.group_key, r.fit, r.every)].append(i)
+        merged: dict[tuple, set] = defaultdict(set)
+        for theirs in self.group.gather({k: {requests[i].part for i in idx} for k, idx in by_key.items()}):
+            for k, wanted in theirs.items():
+                merged[k] |= wanted
+        responses: list[dict | None] = [None] * len(requests)
+        for key in sorted(merged, key=repr):
+            group, fit, every = key
+            distribution, split, protocol = group
+            items: dict[str, Item] = {}
+            for i in by_key.get(key, []):
+                items.setdefault(requests[i].item.item_id, requests[i].item)
+            _, adapter = parts_of(self.lens)
+            maps, map_info = get_maps(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
+            projectors, fit_info = self._projectors({("mat", fit)})
+            encoded, too_short = encode_all(list(items.values()), self.lens.tokenizer, protocol, self.lens.masked, self.max_length)
+            values, info = study(self.lens, encoded, sorted(merged[key]), maps, projectors[("mat", fit)], every,
+                                 self.batch_size, desc=f"jtc sub-modules {distribution}/{split}")
+            gathered = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added)
+                                          for e in encoded])
+            union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
+            prov = self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
+            parts, _ = parts_of(self.lens)
+            records = {}
+            for part in sorted(merged[key]):
+                baseline = EvalRequest("mat", distribution, split, protocol, Item("-", "", 0.0), fit)
+                record = {**prov, "projector_config": self._projector_config(baseline, fit_info),
+                          "submodule": {"part": part, "maps": map_info, **info,
+                                        "adapter_recomposition": {k: float(v) for k, v in adapter.items()},
+                                        "layouts": sorted({p.layout for p in parts}), "wiring_block_0": parts[0].wiring}}
+                records[part] = {**record, "record_id": sha256_json(record)[:16]}
+            for i in by_key.get(key, []):
+                r = requests[i]
+                item_id = r.item.item_id
+                if item_id in too_short:
+                    responses[i] = {"skipped": too_short[item_id], "provenance": records[r.part]}
+                else:
+                    responses[i] = {**values[r.part][item_id], "provenance": records[r.part]}
+        return responses  # type: ignore[return-value]
+
+    def _run_lenses(self, requests: list[EvalRequest]) -> list[dict]:
         start = time.perf_counter()
         by_group: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):

@@ -20,7 +20,7 @@ PROTOCOLS = ("paper", "dense")
 RECIPES = ("tuned-lens", "warm")
 # Keys a task sets for itself (task YAMLs and the task class) or lm-eval adds to every task's metadata
 # (config_source: the YAML it was read from), not options a user passes.
-TASK_KEYS = ("projector", "distribution", "analysis", "custom", "version", "provenance", "config_source")
+TASK_KEYS = ("projector", "distribution", "analysis", "part", "custom", "version", "provenance", "config_source")
 
 
 class OptionError(ValueError):
@@ -165,6 +165,8 @@ OPTIONS: tuple[Option, ...] = (
            "paper protocol: draw the scored position among tokens that have a next token (with_next), or among all (all)"),
     Option("on_nonfinite", "error", _choice("error", "drop"), "error or drop",
            "non-finite hidden states or logits: stop the run (error) or drop those items and record them (drop)"),
+    Option("submodule_every", 1, _int(1), "an integer >= 1",
+           "jtc_submodule_* tasks: intervene from every k-th start layer (0, k, 2k, ...); 1: every layer"),
     Option("jtc_batch_size", 16, _int(1), "an integer >= 1", "items per forward pass"),
     Option("recipe", "warm", _choice(*RECIPES), " or ".join(RECIPES),
            "tuned lens: the published recipe (tuned-lens, zero start) or the least-squares warm start (warm)"),

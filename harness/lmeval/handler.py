@@ -46,6 +46,8 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
         fit=fit,
         analysis=spec.get("analysis", "lens"),
         base=base,
+        part=spec.get("part"),
+        every=int(spec.get("every", 1)),
     )
 
 

@@ -19,8 +19,10 @@ from lm_eval.api.task import ConfigurableTask
 from .. import early_exit
 from ..corpora import get_corpus
 from ..engine import ANALYSES, EXIT_PROJECTORS, METRICS
+from ..submodule_study import STUDY_METRICS
 from ..metrics import HIGHER_IS_BETTER
 from ..options import FITTED, PROJECTORS, OptionError, parse_options
+from ..submodules import PARTS
 from ..protocols import ProtocolConfig, build_items, item_sha256, no_items_reason
 from . import handler, registration
 
@@ -58,6 +60,9 @@ class JTCTask(ConfigurableTask):
         meta["analysis"] = meta.get("analysis") or "lens"
         if meta["analysis"] not in ANALYSES:
             raise ValueError(f"task {config.get('task')}: unknown analysis {meta['analysis']!r}; known: {', '.join(ANALYSES)}")
+        if meta["analysis"] == "submodule" and (meta["projector"] != "mat" or meta.get("part") not in PARTS):
+            raise ValueError(f"task {config.get('task')}: a sub-module task names a part ({', '.join(PARTS)}) and the mat "
+                             "projector (its baseline and fit)")
         if meta["analysis"] == "exit" and meta["projector"] not in EXIT_PROJECTORS:
             raise ValueError(f"task {config.get('task')}: early exit is measured with {', '.join(EXIT_PROJECTORS)}, "
                              f"not {meta['projector']!r}")
@@ -121,6 +126,8 @@ class JTCTask(ConfigurableTask):
             "batch_size": meta["jtc_batch_size"],
             "on_nonfinite": meta["on_nonfinite"],
         }
+        if meta["analysis"] == "submodule":
+            spec.update(analysis="submodule", part=meta["part"], every=meta["submodule_every"])
         if meta["analysis"] == "exit":
             spec["analysis"] = "exit"
             base = early_exit.PAIRED_BASE.get(meta["projector"])
@@ -159,6 +166,12 @@ class JTCTask(ConfigurableTask):
             metrics = {m: values["exit"] for m in early_exit.metric_names(self._meta["projector"])} if "exit" in values else {}
             for key in metrics:
                 self._jtc_higher_is_better.setdefault(key, True)
+            return metrics
+        if self._meta["analysis"] == "submodule":
+            # p@1.L3 (the part replaced by its map from block 3 on), removed_p@1.L3, mat_p@1.L3
+            metrics = {k: v for k, v in values.items() if k.split(".")[0].split("_")[-1] in STUDY_METRICS}
+            for key in metrics:
+                self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0].split("_")[-1]])
             return metrics
         metrics = {k: v for k, v in values.items() if k.split(".")[0] in METRICS}
         for key in metrics:
