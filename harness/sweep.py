@@ -123,6 +123,12 @@ def summarise(results_file: Path) -> list[str]:
     for task, res in sorted(data["results"].items()):
         if not task.startswith("jtc_"):
             continue
+        if "mat_p@1.L0,none" in res:  # a sub-module task: P@1 at the first and middle start layers
+            starts = sorted(int(k.split(".L")[1].split(",")[0]) for k in res if k.startswith("p@1.L") and k.endswith(",none"))
+            cells = [f"from L{l}: linear {res[f'p@1.L{l},none']:.3f} removed {res[f'removed_p@1.L{l},none']:.3f} "
+                     f"mat {res[f'mat_p@1.L{l},none']:.3f}" for l in (starts[0], starts[len(starts) // 2])]
+            rows.append(f"  {task:28s} P@1 " + "; ".join(cells))
+            continue
         if "saved@95,none" in res:  # an early-exit task
             diff = (f"  vs its base {res['saved_diff@95,none']:+.4f} [{res['saved_diff@95_lo,none']:+.4f}, "
                     f"{res['saved_diff@95_hi,none']:+.4f}]" if "saved_diff@95,none" in res else "")

@@ -149,6 +149,32 @@ def exit_view(exits: list[read.ExitRun], model_name: str) -> list[dict]:
     return views
 
 
+def submodule_view(studies: list[read.SubmoduleRun], model_name: str) -> list[dict]:
+    """Per distribution: P@1 against the relative depth of the start layer, one line per part replaced by its
+    linear map, per part removed, and for mat jumping from the start layer; and the table behind it."""
+    order = {"attn": 0, "ffn": 1, "norm": 2}
+    views = []
+    for dist in sorted({s.distribution for s in studies}):
+        runs = sorted((s for s in studies if s.distribution == dist), key=lambda s: order.get(s.part, 9))
+        series = []
+        for k, s in enumerate(runs):
+            L = s.num_layers
+            xs = [l / L for l in s.starts]
+            for mode, label, variant in (("linear", f"{s.part} linear", False), ("removed", f"{s.part} removed", True)):
+                ys = s.values[mode]["p@1"]
+                tips = [f"{label} from layer {l} (depth {l / L:.2f}): P@1 {y:.3f}" for l, y in zip(s.starts, ys)]
+                series.append(svg.Series(label=label, xs=xs, ys=ys, tips=tips, projector=s.part, variant=variant, index=k))
+        first = runs[0]
+        L = first.num_layers
+        series.append(svg.Series(label="mat from l", xs=[l / L for l in first.starts], ys=first.values["mat"]["p@1"],
+                                 tips=[f"mat from layer {l}: P@1 {y:.3f}" for l, y in zip(first.starts, first.values["mat"]["p@1"])],
+                                 projector="mat"))
+        chart = svg.line_chart(series, title=f"Sub-module shortcuts, {model_name} on {dist}", y_label="P@1 vs the model",
+                               x_label="relative depth of the first block replaced (l / L)", y_range=(0.0, 1.0))
+        views.append({"distribution": dist, "runs": runs, "chart": chart})
+    return views
+
+
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
     L = tasks[0].num_layers
     out = []
@@ -251,7 +277,8 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                 "no0_metrics": [k for k in read.ALL_METRICS
                                 if all(t.without_position_0 and k in t.without_position_0["layers"] for t in tasks)],
             })
-        model_pages.append((m, sections, exit_view([e for e in loaded.exits if e.model_key == m.key], m.name)))
+        model_pages.append((m, sections, exit_view([e for e in loaded.exits if e.model_key == m.key], m.name),
+                            submodule_view([s for s in loaded.submodules if s.model_key == m.key], m.name)))
 
     transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
                                  without_position_0=without_position_0)
@@ -265,9 +292,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                                                                 fit_labels=True)})
 
     shown = {m.key for m in all_models}
-    for e in loaded.exits:
+    for e in loaded.exits + loaded.submodules:
         if e.model_key not in shown:
-            warnings.append(Problem(str(e.results_file), f"task {e.task}: early exit of a model with no lens task in the "
+            warnings.append(Problem(str(e.results_file), f"task {e.task}: a model with no lens task in the "
                                                          "results; it has no model page to be shown on"))
     for w in warnings:
         print(f"jtc leaderboard: warning: {w}", file=stream)
@@ -283,9 +310,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
 
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
           superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
-    for m, sections, exits in model_pages:
+    for m, sections, exits, studies in model_pages:
         write(m.page, "model.html.j2", model=m, sections=sections, exits=exits, exit_retentions=EXIT_RETENTIONS,
-              paper_exit=PAPER_EXIT)
+              paper_exit=PAPER_EXIT, studies=studies)
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)

@@ -141,6 +141,24 @@ class ExitRun:
 
 
 @dataclass
+class SubmoduleRun:
+    """One sub-module task of one results file: per start layer, P@1 / surprisal / KL of the model with the part
+    replaced by its linear map, with the part removed, and of mat jumping from the start layer."""
+
+    task: str
+    part: str
+    distribution: str
+    model_key: str
+    num_layers: int
+    items: int
+    starts: list[int]
+    values: dict[str, dict[str, list[float]]]  # mode ("linear", "removed", "mat") -> metric -> per start layer
+    provenance: dict
+    results_file: Path
+    date: float
+
+
+@dataclass
 class Run:
     """One results file."""
 
@@ -152,6 +170,7 @@ class Run:
     lm_eval_version: str | None
     tasks: list[TaskRun] = field(default_factory=list)
     exits: list[ExitRun] = field(default_factory=list)
+    submodules: list[SubmoduleRun] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +180,7 @@ class Loaded:
     superseded: list[TaskRun]
     warnings: list[Problem]
     exits: list[ExitRun] = field(default_factory=list)  # the newest of every (model, projector, distribution)
+    submodules: list[SubmoduleRun] = field(default_factory=list)  # the newest of every (model, part, distribution)
 
 
 def _slug(text: str) -> str:
@@ -347,6 +367,34 @@ def _exit_task(task: str, res: dict, config: dict, path: Path, run: Run) -> Exit
                    provenance=prov, results_file=path, date=run.date or (_parse_date(prov.get("date")) or 0.0))
 
 
+SUBMODULE_MODES = {"linear": "", "removed": "removed_", "mat": "mat_"}
+SUBMODULE_METRICS = ("p@1", "surprisal", "kl")
+
+
+def _submodule_task(task: str, res: dict, config: dict, path: Path, run: Run) -> SubmoduleRun:
+    meta = config["metadata"]
+    prov = meta.get("provenance")
+    if not isinstance(prov, dict) or not isinstance(prov.get("submodule"), dict) or not isinstance(prov.get("model"), dict):
+        raise ValueError("configs.<task>.metadata.provenance.submodule is missing (an incomplete sub-module run)")
+    starts = prov["submodule"].get("start_layers")
+    if not isinstance(starts, list) or not starts:
+        raise ValueError("provenance.submodule.start_layers is missing")
+    values: dict[str, dict[str, list[float]]] = {}
+    for mode, prefix in SUBMODULE_MODES.items():
+        values[mode] = {}
+        for m in SUBMODULE_METRICS:
+            keys = [f"{prefix}{m}.L{l},none" for l in starts]
+            absent = [k for k in keys if k not in res]
+            if absent:
+                raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
+            values[mode][m] = [_finite(res[k], k) for k in keys]
+    return SubmoduleRun(task=task, part=str(prov["submodule"].get("part")), distribution=str(prov.get("distribution")),
+                        model_key=_model_key(prov["model"]), num_layers=int(prov["model"].get("num_layers") or 0),
+                        items=int(prov.get("items") or 0), starts=[int(l) for l in starts], values=values,
+                        provenance=prov, results_file=path,
+                        date=run.date or (_parse_date(prov.get("date")) or 0.0))
+
+
 def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
     """One results file: its valid jtc tasks, and a warning (naming the file) for everything else."""
     name = str(path)
@@ -376,6 +424,9 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
             if _analysis(config) == "exit":
                 run.exits.append(_exit_task(task, res, config, path, run))
                 continue
+            if _analysis(config) == "submodule":
+                run.submodules.append(_submodule_task(task, res, config, path, run))
+                continue
             run.tasks.append(_task(task, res, config, data, path, run))
         except (ValueError, TypeError, AttributeError) as exc:
             warnings.append(Problem(name, f"task {task}: {exc}; task skipped"))
@@ -388,7 +439,7 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
         if t.samples_file is None:
             warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
                                            "--log_samples); its paired tests are not computed"))
-    if not run.tasks and not run.exits and not warnings:
+    if not run.tasks and not run.exits and not run.submodules and not warnings:
         warnings.append(Problem(name, "holds no jtc tasks"))
     return run, warnings
 
@@ -421,8 +472,14 @@ def load(paths: list[str | Path]) -> Loaded:
             key = (e.model_key, e.projector, e.distribution)
             if key not in exits or (e.date, str(e.results_file)) > (exits[key].date, str(exits[key].results_file)):
                 exits[key] = e
+    studies: dict[tuple, SubmoduleRun] = {}
+    for run in runs:
+        for s in run.submodules:
+            key = (s.model_key, s.part, s.distribution)
+            if key not in studies or (s.date, str(s.results_file)) > (studies[key].date, str(studies[key].results_file)):
+                studies[key] = s
     return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings,
-                  exits=list(exits.values()))
+                  exits=list(exits.values()), submodules=list(studies.values()))
 
 
 # ---------------------------------------------------------------------------------------------
