@@ -81,12 +81,22 @@ def _corpora(args) -> int:
 
 
 def _table(args) -> int:
-    from .report import layer_table, results_files
+    from .report import compare_table, exit_table, layer_table, results_files, submodule_table
 
+    a, _, b = args.compare.partition(",")
+    make = {"compare": lambda p: compare_table(p, a, b, args.metric), "exit": exit_table,
+            "submodule": lambda p: submodule_table(p, args.distribution), "layers": lambda p: layer_table(p, args.metric)}
+    shown = 0
     for path in results_files(args.results):
+        try:
+            table = make[args.kind](path)
+        except ValueError as exc:  # a results file of other tasks
+            print(f"jtc table: {exc}; skipped", file=sys.stderr)
+            continue
         print(f"<!-- {path} -->")
-        print(layer_table(path, args.metric))
-    return 0
+        print(table)
+        shown += 1
+    return 0 if shown else 1
 
 
 def _sweep(args) -> int:
@@ -169,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     table = sub.add_parser("table", help="per-layer Markdown table of a metric from lm-eval results")
     table.add_argument("results", nargs="+", help="results_*.json files or folders holding them")
     table.add_argument("--metric", default="p@1")
+    table.add_argument("--kind", default="layers", choices=("layers", "compare", "exit", "submodule"),
+                       help="layers: a metric per layer and projector; compare: one projector minus another per layer "
+                            "and distribution (--compare A,B); exit: blocks saved by early exit; submodule: P@1 of "
+                            "the sub-module shortcuts per start layer")
+    table.add_argument("--compare", default="tuned,affine", help="compare: the two projectors, A,B (A − B)")
+    table.add_argument("--distribution", default=None, help="submodule: the distribution of the per-layer table")
     table.set_defaults(func=_table)
     sweep = sub.add_parser("sweep", help="run lm_eval over several models in turn (resumable) and summarise")
     sweep.add_argument("--models", required=True, help="comma-separated bundled names, hub names or local folders")

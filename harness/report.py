@@ -52,3 +52,118 @@ def layer_table(results_file: Path, metric: str = "p@1") -> str:
             cells = [f"{projectors[p]['res'][f'{metric},none']:.3f}" for p in names]
             out.append("| mean over layers | " + " | ".join(cells) + " |\n")
     return "\n".join(out)
+
+
+def _tasks_by(data: dict, analysis: str) -> dict[str, tuple[dict, dict]]:
+    """Task name -> (results entry, metadata) of the jtc tasks of one analysis (lens, exit, submodule)."""
+    out = {}
+    for task, res in data["results"].items():
+        meta = (data["configs"].get(task, {}) or {}).get("metadata") or {}
+        if task.startswith(("jtc_", "custom_jtc_")) and meta.get("analysis", "lens") == analysis:
+            out[task] = (res, meta)
+    return out
+
+
+def _model_line(prov: dict, path: Path) -> str:
+    model = prov.get("model", {})
+    return (f"**{Path(str(model.get('name', '?'))).name}** ({model.get('num_layers', '?')} layers, weights sha256 "
+            f"{str(model.get('weights_sha256'))[:12]}…; {path.parent.name}/{path.name})")
+
+
+def compare_table(results_file: Path, a: str = "tuned", b: str = "affine", metric: str = "kl") -> str:
+    """Per layer and distribution, ``a`` minus ``b`` in ``metric`` (their difference of means over the same items),
+    and per distribution how many layers have a at or below b (lower is better) or at or above (higher is better)."""
+    data = json.loads(results_file.read_text())
+    lens = _tasks_by(data, "lens")
+    found: dict[str, dict[str, tuple[dict, dict]]] = {}
+    for task, (res, meta) in lens.items():
+        if meta.get("projector") in (a, b):
+            found.setdefault(str(meta.get("distribution")), {})[meta["projector"]] = (res, meta)
+    dists = sorted(d for d, p in found.items() if a in p and b in p)
+    if not dists:
+        raise ValueError(f"{results_file}: no distribution has both {a} and {b}")
+    prov = found[dists[0]][a][1].get("provenance", {})
+    L = prov.get("model", {}).get("num_layers")
+    from .metrics import HIGHER_IS_BETTER
+
+    higher = HIGHER_IS_BETTER.get(metric)
+    out = [_model_line(prov, results_file) + f": {a} − {b}, {metric} per layer ({prov.get('items', '?')} items per "
+           f"distribution, {prov.get('split', '?')} split)\n", "| layer | " + " | ".join(dists) + " |", "|---:|" + "---:|" * len(dists)]
+    diffs = {d: [found[d][a][0][f"{metric}.L{l},none"] - found[d][b][0][f"{metric}.L{l},none"] for l in range(L)] for d in dists}
+    for l in range(L):
+        out.append(f"| {l} | " + " | ".join(f"{diffs[d][l]:+.4f}" for d in dists) + " |")
+    ok = (lambda x: x >= 0) if higher else (lambda x: x <= 0)
+    word = "at or above" if higher else "at or below"
+    out.append(f"| layers with {a} {word} {b} | " + " | ".join(f"{sum(ok(x) for x in diffs[d])}/{L}" for d in dists) + " |")
+    out.append(f"| mean {b} | " + " | ".join(f"{found[d][b][0][f'{metric},none']:.4f}" for d in dists) + " |")
+    out.append(f"| mean {a} | " + " | ".join(f"{found[d][a][0][f'{metric},none']:.4f}" for d in dists) + " |\n")
+    return "\n".join(out)
+
+
+PAPER_EXIT_95 = {"mat": 0.138, "id": 0.059}  # 24-layer GPT-2, 95% retention
+
+
+def exit_table(results_file: Path) -> str:
+    """Blocks saved at 99 / 95 / 90% retention per distribution and projector, with the paired differences at 95%."""
+    data = json.loads(results_file.read_text())
+    tasks = _tasks_by(data, "exit")
+    if not tasks:
+        raise ValueError(f"{results_file}: no early-exit task")
+    by = {(str(m.get("distribution") or m.get("corpus")), m["projector"]): (r, m) for r, m in tasks.values()}
+    dists = sorted({d for d, _ in by})
+    projectors = [p for p in ("id", "mat", "tuned") if any(k[1] == p for k in by)]
+    prov = next(iter(tasks.values()))[1].get("provenance", {})
+    out = [_model_line(prov, results_file) + f": early exit, blocks saved (% of {prov.get('model', {}).get('num_layers')}) "
+           f"at 99 / 95 / 90% retention; paired difference at 95% [95% bootstrap interval]; {prov.get('items', '?')} items\n",
+           "| distribution | " + " | ".join(projectors) + " | " + " | ".join(
+               f"{p} − {b}" for p, b in (("mat", "id"), ("tuned", "mat")) if p in projectors) + " |",
+           "|---|" + "---:|" * (len(projectors) + sum(p in projectors for p in ("mat", "tuned")))]
+    for d in dists:
+        cells = []
+        for p in projectors:
+            r = by.get((d, p), ({}, {}))[0]
+            cells.append(" / ".join(f"{100 * r[f'saved@{k},none']:.1f}" if f"saved@{k},none" in r else "–" for k in (99, 95, 90)))
+        for p in ("mat", "tuned"):
+            if p in projectors:
+                r = by.get((d, p), ({}, {}))[0]
+                cells.append(f"{100 * r['saved_diff@95,none']:+.1f} [{100 * r['saved_diff@95_lo,none']:+.1f}, "
+                             f"{100 * r['saved_diff@95_hi,none']:+.1f}]" if "saved_diff@95,none" in r else "–")
+        out.append(f"| {d} | " + " | ".join(cells) + " |")
+    out.append(f"| paper, GPT-2 (24 layers), 95% only | {100 * PAPER_EXIT_95['id']:.1f} | {100 * PAPER_EXIT_95['mat']:.1f} |"
+               + " |" * (len(projectors) - 2 + sum(p in projectors for p in ("mat", "tuned"))) + "\n")
+    return "\n".join(out)
+
+
+def submodule_table(results_file: Path, distribution: str | None = None) -> str:
+    """P@1 per start layer of each part replaced by its linear map, removed, and of mat from the start layer; on one
+    distribution (the first, or ``distribution``), then the mean over start layers on every distribution."""
+    data = json.loads(results_file.read_text())
+    tasks = _tasks_by(data, "submodule")
+    if not tasks:
+        raise ValueError(f"{results_file}: no sub-module task")
+    by = {(str(m.get("distribution") or m.get("corpus")), m["part"]): r for r, m in tasks.values()}
+    dists = sorted({d for d, _ in by})
+    parts = [p for p in ("attn", "ffn", "norm") if any(k[1] == p for k in by)]
+    prov = next(iter(tasks.values()))[1].get("provenance", {})
+    starts = prov.get("submodule", {}).get("start_layers", [])
+    L = prov.get("model", {}).get("num_layers")
+    shown = distribution or ("wikipedia" if "wikipedia" in dists else dists[0])
+    out = [_model_line(prov, results_file) + f": sub-module shortcuts on {shown}, P@1 against the unmodified model "
+           f"({prov.get('items', '?')} items)\n",
+           "| start layer l (l/L) | " + " | ".join(f"{p} linear | {p} removed" for p in parts) + " | mat from l |",
+           "|---:|" + "---:|---:|" * len(parts) + "---:|"]
+    for l in starts:
+        cells = []
+        for p in parts:
+            r = by[(shown, p)]
+            cells += [f"{r[f'p@1.L{l},none']:.3f}", f"{r[f'removed_p@1.L{l},none']:.3f}"]
+        cells.append(f"{by[(shown, parts[0])][f'mat_p@1.L{l},none']:.3f}")
+        out.append(f"| {l} ({l / L:.2f}) | " + " | ".join(cells) + " |")
+    out += ["", "Mean P@1 over the start layers, every distribution:\n",
+            "| distribution | " + " | ".join(f"{p} linear" for p in parts) + " | " + " | ".join(f"{p} removed" for p in parts)
+            + " | mat from l |", "|---|" + "---:|" * (2 * len(parts) + 1)]
+    for d in dists:
+        mean = lambda p, prefix: statistics.mean(by[(d, p)][f"{prefix}p@1.L{l},none"] for l in starts) if (d, p) in by else float("nan")
+        out.append(f"| {d} | " + " | ".join(f"{mean(p, ''):.3f}" for p in parts) + " | "
+                   + " | ".join(f"{mean(p, 'removed_'):.3f}" for p in parts) + f" | {mean(parts[0], 'mat_'):.3f} |")
+    return "\n".join(out) + "\n"

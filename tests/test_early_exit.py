@@ -179,6 +179,10 @@ def test_lm_eval_prints_the_exit_headline_numbers(tmp_path):
     samples = glob.glob(str(out / "*" / "samples_custom_jtc_exit_mat_*.jsonl"))[0]
     first = json.loads(Path(samples).read_text().splitlines()[0])
     assert first["saved@95"]["blocks"] == 4 and len(first["saved@95"]["lens"]["conf"][0]) == 3
+    from jtc_lens.harness.report import exit_table
+
+    table = exit_table(Path(results_file))
+    assert f"{100 * mat['saved@95,none']:.1f}" in table and f"{100 * mat['saved_diff@95,none']:+.1f}" in table
     # the leaderboard shows the exit table and curve on the model's page
     from jtc_lens.leaderboard.build import build_site
 

@@ -232,6 +232,10 @@ def test_lm_eval_runs_the_sub_module_tasks_and_the_leaderboard_shows_them(tmp_pa
     assert attn["mat_p@1.L2,none"] == pytest.approx(results["results"]["custom_jtc_mat"]["p@1.L2,none"])
     prov = results["configs"]["custom_jtc_submodule_ffn"]["metadata"]["provenance"]["submodule"]
     assert prov["part"] == "ffn" and prov["maps"]["fit_positions"] == 300 and prov["layouts"] == ["sequential"]
+    from jtc_lens.harness.report import submodule_table
+
+    table = submodule_table(Path(results_file))
+    assert "| 2 (0.50) | " + f"{attn['p@1.L2,none']:.3f} | {attn['removed_p@1.L2,none']:.3f}" in table
     from jtc_lens.leaderboard.build import build_site
 
     site = build_site([out], tmp_path / "site")

@@ -34,3 +34,25 @@ def test_report_tables_give_the_median_over_layers_of_r2_and_say_so(tmp_path):
     assert "| median over layers | 0.420 |" in table
     assert "mean over layers" not in table
     assert "| mean over layers | 0.500 |" in layer_table(_results(tmp_path), "p@1")
+
+
+def test_the_comparison_table_gives_per_layer_differences_and_counts_the_layers(tmp_path):
+    import json
+
+    from fake_runs import write_run
+    from jtc_lens.harness.report import compare_table
+
+    path = write_run(tmp_path / "run", [("tuned", "news", "news"), ("affine", "news", "news"), ("tuned", "code", "code"),
+                                        ("affine", "code", "code")], layers=3)
+    data = json.loads(path.read_text())
+    res = data["results"]
+    # plant: on news tuned is below affine at every layer; on code above at layer 1 only
+    for l, (news, code) in enumerate(((-0.5, -0.1), (-0.25, 0.3), (-1.0, 0.0))):
+        res["jtc_tuned_news"][f"kl.L{l},none"] = res["jtc_affine_news"][f"kl.L{l},none"] + news
+        res["jtc_tuned_code"][f"kl.L{l},none"] = res["jtc_affine_code"][f"kl.L{l},none"] + code
+    path.write_text(json.dumps(data))
+    table = compare_table(path, "tuned", "affine", "kl")
+    lines = table.splitlines()
+    assert lines[2] == "| layer | code | news |"
+    assert "| 1 | +0.3000 | -0.2500 |" in lines
+    assert "| layers with tuned at or below affine | 2/3 | 3/3 |" in lines
