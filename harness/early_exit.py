@@ -121,9 +121,17 @@ def paired_difference(records: list[dict], retention: float, seed: int, resample
 
 
 def _check(records: list[dict]) -> list[dict]:
-    records = [r for r in records if isinstance(r, dict)]
-    if not records:
+    """The records in item order, each item once: lm-eval hands them over in the order the processes return them,
+    and the bootstrap resamples by position, so the order is fixed here; an item twice must be the same record."""
+    by_id: dict[str, dict] = {}
+    for r in records:
+        if not isinstance(r, dict):
+            continue
+        if by_id.setdefault(r["item_id"], r) != r:
+            raise ValueError(f"item {r['item_id']} has two different exit records")
+    if not by_id:
         raise ValueError("no exit record to aggregate")
+    records = [by_id[k] for k in sorted(by_id)]
     if len({(r["blocks"], r.get("base_projector")) for r in records}) > 1:
         raise ValueError("exit records of different models or base projectors cannot be aggregated together")
     return records

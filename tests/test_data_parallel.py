@@ -20,11 +20,12 @@ from installed import lm_eval_module_args
 # affine fit did not match the one-process fit; not yet understood)
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-TASKS = "jtc_id_news,jtc_mat_news,jtc_affine_news,jtc_tuned_news,jtc_mat_wikipedia"
+LENS_TASKS = "jtc_id_news,jtc_mat_news,jtc_affine_news,jtc_tuned_news,jtc_mat_wikipedia"
+TASKS = LENS_TASKS + ",jtc_exit_mat_news,jtc_submodule_attn_news"
 # 13 items: the two processes get 7 and 6, so lm-eval pads one of them with a repeated request
 # seed 6: news and wikipedia each have one item at position 0, so the means without them are summed over processes
 OPTIONS = {"seed": 6, "n_eval": 13, "n_fit": 60, "token_budget": 640, "tokens_per_step": 128, "tuned_chunk_len": 64,
-           "warm_fit_tokens": 256}
+           "warm_fit_tokens": 256, "submodule_every": 2}
 
 
 def _bin(name):
@@ -72,7 +73,13 @@ def test_two_processes_split_the_items_and_agree_with_one(runs):
     _, one, two = runs
     assert set(one["results"]) == set(two["results"]) == set(TASKS.split(","))
     compared = 0
+    for task in ("jtc_exit_mat_news", "jtc_submodule_attn_news"):  # every number the same, bootstrap intervals included
+        values = {k: v for k, v in one["results"][task].items() if isinstance(v, float)}
+        assert values and values == pytest.approx({k: two["results"][task][k] for k in values}, rel=1e-6, abs=1e-6), task
+    assert one["configs"]["jtc_exit_mat_news"]["metadata"]["provenance"]["exit"]["items"] == 13
     for task, res in one["results"].items():
+        if task not in LENS_TASKS.split(","):
+            continue
         p1 = one["configs"][task]["metadata"]["provenance"]
         p2 = two["configs"][task]["metadata"]["provenance"]
         assert p1["processes"] == 1 and p2["processes"] == 2
@@ -98,7 +105,7 @@ def test_two_processes_split_the_items_and_agree_with_one(runs):
 def test_two_processes_fit_the_same_projectors(runs):
     tmp, one, two = runs
     files = sorted(glob.glob(str(tmp / "cache-one" / "projectors" / "*.safetensors")))
-    assert len(files) == 3  # least squares on news and on wikipedia, the tuned lens on news
+    assert len(files) == 4  # least squares on news and on wikipedia, the tuned lens on news, the sub-module maps on news
     for path in files:
         a, b = load_file(path), load_file(path.replace("cache-one", "cache-two"))
         assert a.keys() == b.keys()
