@@ -134,6 +134,10 @@ def exit_table(results_file: Path) -> str:
     return "\n".join(out)
 
 
+def _p1(value: float) -> str:
+    return "diverged" if value != value else f"{value:.3f}"  # NaN: the intervened model's prediction is non-finite
+
+
 def submodule_table(results_file: Path, distribution: str | None = None) -> str:
     """P@1 per start layer of each part replaced by its linear map, removed, and of mat from the start layer; on one
     distribution (the first, or ``distribution``), then the mean over start layers on every distribution."""
@@ -156,7 +160,7 @@ def submodule_table(results_file: Path, distribution: str | None = None) -> str:
         cells = []
         for p in parts:
             r = by[(shown, p)]
-            cells += [f"{r[f'p@1.L{l},none']:.3f}", f"{r[f'removed_p@1.L{l},none']:.3f}"]
+            cells += [_p1(r[f"p@1.L{l},none"]), _p1(r[f"removed_p@1.L{l},none"])]
         cells.append(f"{by[(shown, parts[0])][f'mat_p@1.L{l},none']:.3f}")
         out.append(f"| {l} ({l / L:.2f}) | " + " | ".join(cells) + " |")
     out += ["", "Mean P@1 over the start layers, every distribution:\n",
@@ -164,6 +168,6 @@ def submodule_table(results_file: Path, distribution: str | None = None) -> str:
             + " | mat from l |", "|---|" + "---:|" * (2 * len(parts) + 1)]
     for d in dists:
         mean = lambda p, prefix: statistics.mean(by[(d, p)][f"{prefix}p@1.L{l},none"] for l in starts) if (d, p) in by else float("nan")
-        out.append(f"| {d} | " + " | ".join(f"{mean(p, ''):.3f}" for p in parts) + " | "
-                   + " | ".join(f"{mean(p, 'removed_'):.3f}" for p in parts) + f" | {mean(parts[0], 'mat_'):.3f} |")
+        out.append(f"| {d} | " + " | ".join(_p1(mean(p, '')) for p in parts) + " | "
+                   + " | ".join(_p1(mean(p, 'removed_')) for p in parts) + f" | {mean(parts[0], 'mat_'):.3f} |")
     return "\n".join(out) + "\n"

@@ -117,9 +117,14 @@ def get_maps(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: i
     return maps, info
 
 
-def _metrics(final, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(final, logits: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """P@1, surprisal and KL (S, P), and how many of the S x P predictions are non-finite. A non-finite prediction
+    (the intervened model diverged there) has no top token: its every metric is NaN, never a number such as P@1 = 0,
+    so the mean over items is NaN and says so; the count goes to the provenance."""
     out = lens_metrics_from(final, logits.float(), targets)
-    return {m: out[m] for m in STUDY_METRICS}
+    bad = ~torch.isfinite(logits).all(dim=-1)  # (S, P)
+    values = {m: torch.where(bad, torch.full_like(out[m], float("nan")), out[m]) for m in STUDY_METRICS}
+    return values, int(bad.sum())
 
 
 @torch.no_grad()
@@ -147,7 +152,10 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
             targets = batch.targets
             counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
             mat_logits = lens.readout(mat.project(states.float(), starts, L))  # (S, P, V)
-            for m, v in _metrics(final, mat_logits, targets).items():
+            scores, bad = _metrics(final, mat_logits, targets)
+            if bad:
+                nonfinite["mat"] += bad
+            for m, v in scores.items():
                 for part in parts_wanted:
                     sums[part][("mat", m)].index_add_(0, owner, v.T.double())
             bar.update(len(batch.encoded))
@@ -156,10 +164,10 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
                     for s, start in enumerate(starts):
                         with intervene(parts, part, start, mode, maps):
                             logits = lens.readout(lens.capture(*args)[L])[None]
-                        bad = int((~torch.isfinite(logits)).any(-1).sum())
+                        scores, bad = _metrics(final, logits, targets)
                         if bad:
                             nonfinite[f"{part}/{mode}/L{start}"] += bad
-                        for m, v in _metrics(final, logits, targets).items():
+                        for m, v in scores.items():
                             sums[part][(mode, m)][:, s].index_add_(0, owner, v[0].double())
                         bar.update(len(batch.encoded))
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -172,5 +180,11 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
                     row[f"{PREFIX[mode]}{m}.L{start}"] = float(values[k, s] / counts[k])
             per_item[e.item_id] = row
         out[part] = per_item
+    if nonfinite:
+        log.warning("sub-module study: the intervened model's prediction is non-finite (it diverged) at %s positions; "
+                    "those values are NaN and the counts are in the provenance (nonfinite_positions)",
+                    ", ".join(f"{k}: {v}" for k, v in sorted(nonfinite.items())))
     return out, {"start_layers": starts, "every": every, "passes_per_item": passes,
-                 "nonfinite_positions": dict(nonfinite)}
+                 "nonfinite_positions": dict(nonfinite),
+                 "nonfinite_meaning": "positions whose final prediction was non-finite (the intervened model diverged); "
+                                      "their metrics are NaN, so a mean over items containing one is NaN"}

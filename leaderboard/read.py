@@ -387,12 +387,21 @@ def _submodule_task(task: str, res: dict, config: dict, path: Path, run: Run) ->
             absent = [k for k in keys if k not in res]
             if absent:
                 raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
-            values[mode][m] = [_finite(res[k], k) for k in keys]
+            # NaN is a result here: the intervened model diverged (counted in provenance.submodule.nonfinite_positions)
+            values[mode][m] = [_number_or_nan(res[k], k) for k in keys]
     return SubmoduleRun(task=task, part=str(prov["submodule"].get("part")), distribution=str(prov.get("distribution")),
                         model_key=_model_key(prov["model"]), num_layers=int(prov["model"].get("num_layers") or 0),
                         items=int(prov.get("items") or 0), starts=[int(l) for l in starts], values=values,
                         provenance=prov, results_file=path,
                         date=run.date or (_parse_date(prov.get("date")) or 0.0))
+
+
+def _number_or_nan(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    if math.isinf(value):
+        raise ValueError(f"{what} is infinite")
+    return float(value)
 
 
 def read_results(path: Path) -> tuple[Run | None, list[Problem]]:

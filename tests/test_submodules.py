@@ -242,3 +242,25 @@ def test_lm_eval_runs_the_sub_module_tasks_and_the_leaderboard_shows_them(tmp_pa
     page = next(p for p in site.pages if p.name.startswith("model-")).read_text()
     assert "Sub-module shortcuts" in page and page.count('class="submodule-table"') == 1
     assert "attn linear" in page and "ffn removed" in page and "mat from l" in page
+
+
+def test_a_diverging_intervention_reports_nan_and_counts_it_never_a_number():
+    from jtc_lens.harness.encoding import encode_all
+    from jtc_lens.harness.fitting import get_least_squares
+    from jtc_lens.harness.submodule_study import study
+
+    name = fixture_distribution()
+    lens = _lens("llama", layers=2)
+    parts, _ = submodules.map_and_verify(lens)
+    d = lens.d_model
+    # norms that multiply by 1e30: the residual overflows, the final prediction is non-finite
+    maps = {submodules.map_name("norm", i, k): torch.eye(d) * 1e30 for i in range(2) for k in range(2)}
+    maps.update({submodules.map_name(p, i): torch.eye(d) for p in ("attn", "ffn") for i in range(2)})
+    items = build_items(get_corpus(name), "validation", PAPER, limit=6)
+    encoded, _ = encode_all(items, lens.tokenizer, PAPER, False)
+    mat = get_least_squares(lens, FitSpec(name, PAPER, n_fit=100)).mat
+    values, info = study(lens, encoded, ["norm"], maps, mat, every=1)
+    row = values["norm"][encoded[0].item_id]
+    assert np.isnan(row["p@1.L0"]) and np.isnan(row["kl.L0"]) and np.isnan(row["surprisal.L0"])
+    assert info["nonfinite_positions"]["norm/linear/L0"] == 6
+    assert np.isfinite(row["mat_p@1.L0"]) and np.isfinite(row["removed_kl.L1"])
