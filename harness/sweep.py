@@ -121,10 +121,10 @@ def summarise(results_file: Path) -> list[str]:
     data = json.loads(results_file.read_text())
     rows = []
     for task, res in sorted(data["results"].items()):
-        if not task.startswith("jtc_"):
+        if not task.startswith(("jtc_", "custom_jtc_")):
             continue
         if "mat_p@1.L0,none" in res:  # a sub-module task: P@1 at the first and middle start layers
-            starts = sorted(int(k.split(".L")[1].split(",")[0]) for k in res if k.startswith("p@1.L") and k.endswith(",none"))
+            starts = sorted(int(m[1]) for m in (re.fullmatch(r"p@1\.L(\d+),none", k) for k in res) if m)
             cells = [f"from L{l}: linear {res[f'p@1.L{l},none']:.3f} removed {res[f'removed_p@1.L{l},none']:.3f} "
                      f"mat {res[f'mat_p@1.L{l},none']:.3f}" for l in (starts[0], starts[len(starts) // 2])]
             rows.append(f"  {task:28s} P@1 " + "; ".join(cells))

@@ -179,6 +179,10 @@ def test_lm_eval_prints_the_exit_headline_numbers(tmp_path):
     samples = glob.glob(str(out / "*" / "samples_custom_jtc_exit_mat_*.jsonl"))[0]
     first = json.loads(Path(samples).read_text().splitlines()[0])
     assert first["saved@95"]["blocks"] == 4 and len(first["saved@95"]["lens"]["conf"][0]) == 3
+    from jtc_lens.harness.sweep import summarise
+
+    (line,) = [row for row in summarise(Path(results_file)) if "custom_jtc_exit_mat" in row]
+    assert f"{mat['saved@95,none']:.4f}" in line and f"{mat['saved_diff@95,none']:+.4f}" in line
     from jtc_lens.harness.report import exit_table
 
     table = exit_table(Path(results_file))

@@ -232,6 +232,10 @@ def test_lm_eval_runs_the_sub_module_tasks_and_the_leaderboard_shows_them(tmp_pa
     assert attn["mat_p@1.L2,none"] == pytest.approx(results["results"]["custom_jtc_mat"]["p@1.L2,none"])
     prov = results["configs"]["custom_jtc_submodule_ffn"]["metadata"]["provenance"]["submodule"]
     assert prov["part"] == "ffn" and prov["maps"]["fit_positions"] == 300 and prov["layouts"] == ["sequential"]
+    from jtc_lens.harness.sweep import summarise
+
+    (line,) = [row for row in summarise(Path(results_file)) if "custom_jtc_submodule_attn" in row]
+    assert f"from L2: linear {attn['p@1.L2,none']:.3f}" in line
     from jtc_lens.harness.report import submodule_table
 
     table = submodule_table(Path(results_file))
