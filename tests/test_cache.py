@@ -144,3 +144,19 @@ def test_unhashable_weights_bypass_the_cache(lens, caplog):
     second = get_least_squares(lens, SPEC, batch_size=8, fingerprint=fingerprint)
     assert first.info["cache"] == second.info["cache"] == "not used: weight x is on the meta device"
     assert not (store.cache_root() / "projectors").exists() or not any((store.cache_root() / "projectors").iterdir())
+
+
+def test_atomically_written_files_get_the_mode_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    from jtc_lens.harness.store import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "page.html", b"<p>hi</p>")
+        (tmp_path / "plain.html").write_bytes(b"<p>hi</p>")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "page.html").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.html").stat().st_mode) == 0o644
