@@ -142,7 +142,9 @@ def exit_view(exits: list[read.ExitRun], model_name: str) -> list[dict]:
         for k, e in enumerate(runs):
             lam, used, acc = e.curve["lambdas"], e.curve["fraction_used"], e.curve["accuracy"]
             tips = [f"{e.projector}, lambda {l:.2f}: {u:.3f} of the blocks, accuracy {a:.3f}" for l, u, a in zip(lam, used, acc)]
-            series.append(svg.Series(label=e.projector, xs=list(used), ys=list(acc), tips=tips, projector=e.projector, index=k))
+            # closed by the full model, as blocks saved are interpolated: the last segment is drawn too
+            series.append(svg.Series(label=e.projector, xs=list(used) + [1.0], ys=list(acc) + [1.0],
+                                     tips=tips + ["the full model: every block, accuracy 1"], projector=e.projector, index=k))
         chart = svg.line_chart(series, title=f"Early exit, {model_name} on {dist}", y_label="accuracy (P@1 vs the model)",
                                x_label="fraction of blocks used", y_range=(None, 1.0))
         views.append({"distribution": dist, "runs": runs, "chart": chart})
