@@ -25,8 +25,8 @@ from jtc_lens.harness.protocols import ProtocolConfig, build_items
 PAPER = ProtocolConfig("paper", seed=3)
 
 
-def _record(t, length, conf, correct, base=None):
-    rec = {"item_id": f"i{t}", "blocks": len(conf) + 1, "length": length, "t": [t], "seed": 0,
+def _record(t, length, conf, correct, base=None, item_id=None):
+    rec = {"item_id": item_id or f"i{t}", "blocks": len(conf) + 1, "length": length, "t": [t], "seed": 0,
            "lens": {"conf": [conf], "correct": [correct]}, "base_projector": "id" if base else None}
     if base:
         rec["base"] = {"conf": [base[0]], "correct": [base[1]]}
@@ -67,17 +67,26 @@ def test_the_paired_difference_and_its_bootstrap_interval():
     for k in range(60):
         conf = sorted(rng.uniform(0, 1, 3).round(3).tolist())
         correct = [int(rng.uniform() < 0.8), 1, 1]
-        same.append(_record(k % 20, 20, conf, correct, base=(conf, correct)))
+        same.append(_record(k % 20, 20, conf, correct, base=(conf, correct), item_id=f"item{k}"))
         # a base that is never confident never exits: it saves nothing
-        better.append(_record(k % 20, 20, conf, correct, base=([0.0, 0.0, 0.0], [1, 1, 1])))
+        better.append(_record(k % 20, 20, conf, correct, base=([0.0, 0.0, 0.0], [1, 1, 1]), item_id=f"item{k}"))
     tie = early_exit.paired_difference(same, 0.9, seed=1, resamples=200)
     assert tie["difference"] == tie["low"] == tie["high"] == 0.0
+    better.sort(key=lambda r: r["item_id"])  # as the aggregation orders them before resampling
     lead = early_exit.paired_difference(better, 0.9, seed=0)  # as the aggregation: the records' seed, 1000 resamples
     saved = early_exit.AGGREGATIONS["saved@90"](better)
     assert saved > 0 and lead["difference"] == pytest.approx(saved)
     assert lead["low"] <= lead["difference"] <= lead["high"] and lead["high"] > lead["low"]
     assert early_exit.AGGREGATIONS["saved_diff@90_lo"](better) == pytest.approx(lead["low"])
     assert lead == early_exit.paired_difference(better, 0.9, seed=0)  # seeded
+
+
+def test_an_item_twice_counts_once_and_two_different_records_of_one_item_stop_the_aggregation():
+    saved = early_exit.AGGREGATIONS["saved@95"](PLANTED)
+    assert early_exit.AGGREGATIONS["saved@95"](PLANTED + [dict(PLANTED[0])]) == saved  # lm-eval's padding repeats one
+    other = dict(PLANTED[0], t=[3])
+    with pytest.raises(ValueError, match="two different exit records"):
+        early_exit.AGGREGATIONS["saved@95"](PLANTED + [other])
 
 
 def test_records_of_another_model_are_not_aggregated_together():
