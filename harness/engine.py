@@ -128,7 +128,7 @@ class Engine:
             items: dict[str, Item] = {}
             for i in by_key.get(key, []):
                 items.setdefault(requests[i].item.item_id, requests[i].item)
-            _, adapter = parts_of(self.lens)
+            parts, adapter = parts_of(self.lens)
             maps, map_info = get_maps(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
             projectors, fit_info = self._projectors({("mat", fit)})
             encoded, too_short = encode_all(list(items.values()), self.lens.tokenizer, protocol, self.lens.masked, self.max_length)
@@ -138,7 +138,6 @@ class Engine:
                                           for e in encoded])
             union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
             prov = self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
-            parts, _ = parts_of(self.lens)
             records = {}
             for part in sorted(merged[key]):
                 baseline = EvalRequest("mat", distribution, split, protocol, Item("-", "", 0.0), fit)
@@ -403,16 +402,14 @@ class Engine:
     def _exit_values(self, exit_parts: dict, encoded: list, dropped: dict) -> dict:
         """Per item of every process (an item several processes scored: the first one's), its length, scored
         token positions and, per projector, confidence and correctness at exit layers 1..L-1, per position."""
-        mine = {}
-        for k, e in enumerate(encoded):
-            if e.item_id not in dropped:
-                mine[e.item_id] = {"length": e.length, "t": [], "by_projector": {key: {"conf": [], "correct": []}
-                                                                              for key in exit_parts}}
+        mine = {e.item_id: {"length": e.length, "t": [], "by_projector": {key: {"conf": [], "correct": []} for key in exit_parts}}
+                for e in encoded if e.item_id not in dropped}
+        first = next(iter(exit_parts), None)  # every projector saw the same positions in the same order: one records t
         for key, parts in exit_parts.items():
             for owner, cols, conf, correct in parts:
                 for o, t, c, ok in zip(owner.tolist(), cols.tolist(), conf.tolist(), correct.tolist()):
                     entry = mine[encoded[o].item_id]
-                    if key == next(iter(exit_parts)):
+                    if key == first:
                         entry["t"].append(t)
                     entry["by_projector"][key]["conf"].append([round(x, 5) for x in c])
                     entry["by_projector"][key]["correct"].append([int(x) for x in ok])

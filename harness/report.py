@@ -8,6 +8,8 @@ import re
 import statistics
 from pathlib import Path
 
+from .early_exit import PAPER_SAVED_AT_95
+
 _TASK = re.compile(r"^jtc_(?P<projector>[a-z0-9]+)_(?P<distribution>.+)$")
 
 
@@ -100,9 +102,6 @@ def compare_table(results_file: Path, a: str = "tuned", b: str = "affine", metri
     return "\n".join(out)
 
 
-PAPER_EXIT_95 = {"mat": 0.138, "id": 0.059}  # 24-layer GPT-2, 95% retention
-
-
 def exit_table(results_file: Path) -> str:
     """Blocks saved at 99 / 95 / 90% retention per distribution and projector, with the paired differences at 95%."""
     data = json.loads(results_file.read_text())
@@ -129,7 +128,7 @@ def exit_table(results_file: Path) -> str:
                 cells.append(f"{100 * r['saved_diff@95,none']:+.1f} [{100 * r['saved_diff@95_lo,none']:+.1f}, "
                              f"{100 * r['saved_diff@95_hi,none']:+.1f}]" if "saved_diff@95,none" in r else "–")
         out.append(f"| {d} | " + " | ".join(cells) + " |")
-    out.append(f"| paper, GPT-2 (24 layers), 95% only | {100 * PAPER_EXIT_95['id']:.1f} | {100 * PAPER_EXIT_95['mat']:.1f} |"
+    out.append(f"| paper, GPT-2 (24 layers), 95% only | {100 * PAPER_SAVED_AT_95['id']:.1f} | {100 * PAPER_SAVED_AT_95['mat']:.1f} |"
                + " |" * (len(projectors) - 2 + sum(p in projectors for p in ("mat", "tuned"))) + "\n")
     return "\n".join(out)
 

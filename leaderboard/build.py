@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from ..harness import early_exit
 from ..harness.store import atomic_write_bytes
 
 from . import read, svg, tables
@@ -126,18 +127,21 @@ def metric_charts(tasks: list[read.TaskRun], families: list[tables.Family], cont
     return charts
 
 
-EXIT_RETENTIONS = ("0.99", "0.95", "0.9")
-# The paper's figures (24-layer GPT-2, 95% retention), shown beside ours
-PAPER_EXIT = {"mat": 0.138, "id": 0.059}
+EXIT_RETENTIONS = tuple(str(r) for r in early_exit.RETENTIONS)  # the keys of the provenance's savings
+
+
+def _by_distribution(runs: list, name, order: tuple) -> list[tuple[str, list]]:
+    """(distribution, its runs in ``order`` of ``name(run)``), distributions in name order."""
+    rank = {n: k for k, n in enumerate(order)}
+    return [(dist, sorted((r for r in runs if r.distribution == dist), key=lambda r: rank.get(name(r), len(order))))
+            for dist in sorted({r.distribution for r in runs})]
 
 
 def exit_view(exits: list[read.ExitRun], model_name: str) -> list[dict]:
     """Per distribution: a table of blocks saved per projector with the paired differences, and the
     accuracy / blocks-used curve of each projector (one point per lambda)."""
-    order = {"id": 0, "mat": 1, "tuned": 2}
     views = []
-    for dist in sorted({e.distribution for e in exits}):
-        runs = sorted((e for e in exits if e.distribution == dist), key=lambda e: order.get(e.projector, 9))
+    for dist, runs in _by_distribution(exits, lambda e: e.projector, ("id", "mat", "tuned")):
         series = []
         for k, e in enumerate(runs):
             lam, used, acc = e.curve["lambdas"], e.curve["fraction_used"], e.curve["accuracy"]
@@ -154,10 +158,8 @@ def exit_view(exits: list[read.ExitRun], model_name: str) -> list[dict]:
 def submodule_view(studies: list[read.SubmoduleRun], model_name: str) -> list[dict]:
     """Per distribution: P@1 against the relative depth of the start layer, one line per part replaced by its
     linear map, per part removed, and for mat jumping from the start layer; and the table behind it."""
-    order = {"attn": 0, "ffn": 1, "norm": 2}
     views = []
-    for dist in sorted({s.distribution for s in studies}):
-        runs = sorted((s for s in studies if s.distribution == dist), key=lambda s: order.get(s.part, 9))
+    for dist, runs in _by_distribution(studies, lambda s: s.part, ("attn", "ffn", "norm")):
         series = []
         for k, s in enumerate(runs):
             L = s.num_layers
@@ -314,7 +316,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
           superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
     for m, sections, exits, studies in model_pages:
         write(m.page, "model.html.j2", model=m, sections=sections, exits=exits, exit_retentions=EXIT_RETENTIONS,
-              paper_exit=PAPER_EXIT, studies=studies)
+              paper_exit=early_exit.PAPER_SAVED_AT_95, studies=studies)
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)

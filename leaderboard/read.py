@@ -453,6 +453,16 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
     return run, warnings
 
 
+def _newest(runs, key) -> dict:
+    """Of several runs under the same key, the newest: by run date, then results file name."""
+    out: dict = {}
+    for r in runs:
+        k = key(r)
+        if k not in out or (r.date, str(r.results_file)) > (out[k].date, str(out[k].results_file)):
+            out[k] = r
+    return out
+
+
 def load(paths: list[str | Path]) -> Loaded:
     """All runs under ``paths``; of several runs of the same (model, projector, distribution, fit distribution), the newest."""
     files, warnings = results_files(paths)
@@ -462,12 +472,7 @@ def load(paths: list[str | Path]) -> Loaded:
         warnings += problems
         if run is not None:
             runs.append(run)
-    newest: dict[tuple, TaskRun] = {}
-    for run in runs:
-        for t in run.tasks:
-            key = (t.model_key, t.projector, t.distribution, t.fit_on)
-            if key not in newest or (t.date, str(t.results_file)) > (newest[key].date, str(newest[key].results_file)):
-                newest[key] = t
+    newest = _newest((t for run in runs for t in run.tasks), lambda t: (t.model_key, t.projector, t.distribution, t.fit_on))
     superseded = []
     for run in runs:
         for t in run.tasks:
@@ -475,18 +480,8 @@ def load(paths: list[str | Path]) -> Loaded:
             if kept is not t:
                 t.superseded_by = kept
                 superseded.append(t)
-    exits: dict[tuple, ExitRun] = {}
-    for run in runs:
-        for e in run.exits:
-            key = (e.model_key, e.projector, e.distribution)
-            if key not in exits or (e.date, str(e.results_file)) > (exits[key].date, str(exits[key].results_file)):
-                exits[key] = e
-    studies: dict[tuple, SubmoduleRun] = {}
-    for run in runs:
-        for s in run.submodules:
-            key = (s.model_key, s.part, s.distribution)
-            if key not in studies or (s.date, str(s.results_file)) > (studies[key].date, str(studies[key].results_file)):
-                studies[key] = s
+    exits = _newest((e for run in runs for e in run.exits), lambda e: (e.model_key, e.projector, e.distribution))
+    studies = _newest((s for run in runs for s in run.submodules), lambda s: (s.model_key, s.part, s.distribution))
     return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings,
                   exits=list(exits.values()), submodules=list(studies.values()))
 
