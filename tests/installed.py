@@ -34,3 +34,35 @@ def lm_eval_module_args(env: dict) -> tuple[list[str], dict] | None:
     if pkg is not None and (pkg / "tasks").is_dir():
         return [], {k: v for k, v in env.items() if k != "PYTHONPATH"}
     return None  # the checkout's folders are importable only as installed (jtc_lens.harness, ...)
+
+
+def run_lm_eval_on_tiny_model(tmp_path: Path, tasks: str, metadata: dict, layers: int = 4):
+    """The stock lm_eval on a tiny random Llama saved under ``tmp_path``, offline, with its own projector cache:
+    (the finished process, its results file as a dict, that file's path, the output folder). Skips the test when
+    jtc-lens is not installed as a wheel; fails it when lm_eval fails."""
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    import tiny
+
+    launch = lm_eval_launch({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                             "JTC_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"})
+    if launch is None:
+        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
+    cmd, env = launch
+    model, tok = tiny.build("llama", layers=layers)
+    model_dir = tmp_path / "tiny-llama"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = subprocess.run(cmd + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", tasks,
+                                 "--output_path", str(out), "--log_samples", "--metadata", json.dumps(metadata)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
+    return proc, json.loads(Path(results_file).read_text()), Path(results_file), out

@@ -4,7 +4,6 @@ one forward pass shared with the lens tasks, and the stock lm_eval command print
 import glob
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 import tiny
 from fixture_corpus import fixture_distribution
-from installed import lm_eval_launch
+from installed import run_lm_eval_on_tiny_model
 from jtc_lens.harness import early_exit
 from jtc_lens.harness.corpora import get_corpus
 from jtc_lens.harness.engine import Engine, EvalRequest
@@ -155,28 +154,10 @@ def test_lens_and_exit_requests_share_one_forward_pass_per_item_and_one_fit():
 
 
 def test_lm_eval_prints_the_exit_headline_numbers(tmp_path):
-    model, tok = tiny.build("llama", layers=4)
-    model_dir = tmp_path / "tiny-llama"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JTC_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
-           "PATH": "/usr/bin:/bin"}
-    import os
-
-    launch = lm_eval_launch({**os.environ, **env})
-    if launch is None:
-        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
-    cmd, run_env = launch
-    out = tmp_path / "out"
     metadata = {"corpus": fixture_distribution(), "n_eval": 30, "n_fit": 300}
-    proc = subprocess.run(cmd + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks",
-                                 "custom_jtc_exit_id,custom_jtc_exit_mat,custom_jtc_mat", "--output_path", str(out),
-                                 "--log_samples", "--metadata", json.dumps(metadata)],
-                          cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc, results, results_file, out = run_lm_eval_on_tiny_model(
+        tmp_path, "custom_jtc_exit_id,custom_jtc_exit_mat,custom_jtc_mat", metadata)
     assert "saved@95" in proc.stdout and "saved_diff@95_lo" in proc.stdout
-    (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
-    results = json.loads(Path(results_file).read_text())
     mat = results["results"]["custom_jtc_exit_mat"]
     for r in ("99", "95", "90"):
         assert 0.0 <= mat[f"saved@{r},none"] <= 1.0

@@ -199,33 +199,14 @@ def test_the_study_scores_every_part_and_start_layer_and_leaves_the_model_unmodi
 
 
 def test_lm_eval_runs_the_sub_module_tasks_and_the_leaderboard_shows_them(tmp_path):
-    import glob
-    import json
-    import os
-    import subprocess
     from pathlib import Path
 
-    from installed import lm_eval_launch
+    from installed import run_lm_eval_on_tiny_model
 
-    model, tok = tiny.build("llama", layers=4)
-    model_dir = tmp_path / "tiny-llama"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    launch = lm_eval_launch({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                             "JTC_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"})
-    if launch is None:
-        pytest.skip("jtc-lens is not installed as a wheel in this environment (pip install . or tox)")
-    cmd, env = launch
-    out = tmp_path / "out"
     metadata = {"corpus": fixture_distribution(), "n_eval": 16, "n_fit": 300, "submodule_every": 2}
-    proc = subprocess.run(cmd + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks",
-                                 "custom_jtc_submodule_attn,custom_jtc_submodule_ffn,custom_jtc_mat", "--output_path",
-                                 str(out), "--log_samples", "--metadata", json.dumps(metadata)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc, results, results_file, out = run_lm_eval_on_tiny_model(
+        tmp_path, "custom_jtc_submodule_attn,custom_jtc_submodule_ffn,custom_jtc_mat", metadata)
     assert "removed_p@1.L2" in proc.stdout and "mat_kl.L0" in proc.stdout
-    (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
-    results = json.loads(Path(results_file).read_text())
     attn = results["results"]["custom_jtc_submodule_attn"]
     assert {f"p@1.L{l},none" for l in (0, 2)} <= set(attn) and "p@1.L1,none" not in attn
     # the mat baseline from layer 2 is the lens task's mat at layer 2
