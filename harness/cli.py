@@ -11,8 +11,8 @@ from pathlib import Path
 from . import options
 
 # the options of a tuned lens that `jtc tuned export` trains
-TUNED_EXPORT_OPTIONS = ("recipe", "token_budget", "tokens_per_step", "tuned_chunk_len", "warm_fit_tokens", "tuned_loss",
-                        "stop_at", "seed")
+TUNED_EXPORT_OPTIONS = ("recipe", "warm_start", "n_fit", "token_budget", "tokens_per_step", "tuned_chunk_len",
+                        "warm_fit_tokens", "tuned_loss", "stop_at", "seed")
 
 
 def _models(args) -> int:
@@ -136,7 +136,8 @@ def _tuned(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import bundled
-    from .fitting import TunedSpec, get_tuned
+    from .fitting import FitSpec, TunedSpec, get_tuned
+    from .protocols import ProtocolConfig
     from .models import build_lens_model
     from .projectors.tuned import export_tuned_lens
     from .tuned_training import TunedRecipe
@@ -146,8 +147,10 @@ def _tuned(args) -> int:
     lens = build_lens_model(model, AutoTokenizer.from_pretrained(folder))
     recipe = TunedRecipe(args.recipe, token_budget=args.token_budget, chunk_len=args.tuned_chunk_len,
                          tokens_per_step=args.tokens_per_step, warm_fit_tokens=args.warm_fit_tokens, seed=args.seed,
-                         loss=args.tuned_loss, stop_at=args.stop_at)
-    projector, info = get_tuned(lens, TunedSpec(args.fit_on, recipe))
+                         loss=args.tuned_loss, stop_at=args.stop_at, warm_start=args.warm_start)
+    # warm_start=affine: the affine projector a run with these options fits (paper protocol, n_fit items)
+    start = FitSpec(args.fit_on, ProtocolConfig(seed=args.seed), args.n_fit) if recipe.warm_start == "affine" else None
+    projector, info = get_tuned(lens, TunedSpec(args.fit_on, recipe, start=start))
     export_tuned_lens(projector, Path(args.out), args.model, lens.unembed.weight)
     print(f"{args.out}: tuned lens ({recipe.name}, {info.get('tokens_spent')} tokens, cache {info.get('cache')})")
     return 0

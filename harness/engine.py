@@ -214,7 +214,8 @@ class Engine:
                 out[(name, fit)] = IdentityProjector()
                 continue
             if name == "tuned":
-                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group)
+                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group, self.batch_size,
+                                                            self.max_length, self.on_nonfinite)
                 continue
             if fit not in fit_info:
                 fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group,

@@ -23,7 +23,7 @@ from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
 from .store import cache_root, sha256_file, sha256_json
-from .tuned_training import TunedRecipe, TunedTrainer, stream_hash
+from .tuned_training import TunedRecipe, TunedTrainer, WarmStart, stream_hash
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,20 @@ class TunedSpec:
     recipe: TunedRecipe
     import_from: str | None = None  # a lens saved by the tuned-lens package, used instead of training
     allow_unverified: bool = False  # use an imported lens whose config names no hash of the unembedding
+    start: FitSpec | None = None  # warm_start=affine: the least-squares fit the run's affine projector comes from
+
+    def __post_init__(self):
+        if not self.import_from and (self.recipe.warm_start == "affine") != (self.start is not None):
+            raise ValueError("warm_start=affine starts from the run's affine projector: the TunedSpec needs its FitSpec "
+                             "(start=), and no other recipe takes one")
 
     def as_dict(self) -> dict:
         if self.import_from:
             return {"imported_from": self.import_from, "allow_unverified_lens": self.allow_unverified}
-        return {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
+        out = {"fit_on": self.fit_on, "recipe": self.recipe.as_dict()}
+        if self.start is not None:
+            out["start"] = self.start.as_dict()
+        return out
 
 
 def _require_training_text(spec: TunedSpec) -> None:
@@ -242,18 +251,56 @@ def import_tuned(lens: LensModel, spec: TunedSpec):
                        "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
 
 
-def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE):
+def heldout_items(lens: LensModel, spec: FitSpec, positions: int, max_length: int | None = None):
+    """The encoded train items after the ``n_fit`` fit items of ``spec`` (drawn like them), enough for about
+    ``positions`` scored positions, and the hash of what they hold."""
+    corpus = get_corpus(spec.fit_on)
+    protocol = spec.protocol
+    per_item = 1 if protocol.name == "paper" else (protocol.stride or protocol.chunk_len - 1)
+    wanted = -(-positions // per_item)
+    items = build_items(corpus, "train", protocol, limit=spec.n_fit + wanted)[spec.n_fit:]
+    encoded, _ = encode_all(items, lens.tokenizer, protocol, lens.masked, max_length) if items else ([], {})
+    if not encoded:
+        total = len(build_items(corpus, "train", protocol))
+        raise ValueError(f"warm_start=affine holds out the train items of {spec.fit_on} after the n_fit={spec.n_fit} fit "
+                         f"items, but its train split has {total} item(s) and none of them is left to score: lower n_fit, "
+                         "or set warm_start=stream")
+    return encoded, sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
+
+
+def _warm_start(lens: LensModel, spec: TunedSpec, fingerprint: dict, group: Group, batch_size: int,
+                max_length: int | None, on_nonfinite: str) -> tuple[WarmStart, dict]:
+    """The run's affine projector (from the cache when the run fitted it already) and the held-out items; the
+    key fields that name them."""
+    fitted = get_least_squares(lens, spec.start, batch_size, max_length, fingerprint, group, on_nonfinite)
+    encoded, heldout_hash = heldout_items(lens, spec.start, spec.recipe.heldout_positions, max_length)
+    record = {"projector": "affine", "fit": spec.start.as_dict(), "fit_data_sha256": fitted.info["fit_data_sha256"],
+              "fit_positions": fitted.info["fit_positions"], "fit_cache": fitted.info.get("cache"),
+              "heldout_items": len(encoded), "heldout_first_item": spec.start.n_fit, "heldout_sha256": heldout_hash}
+    return WarmStart(fitted.affine, encoded, record), {"start_fit_data_sha256": fitted.info["fit_data_sha256"],
+                                                       "heldout_sha256": heldout_hash}
+
+
+def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE,
+              batch_size: int = 16, max_length: int | None = None, on_nonfinite: str = "error"):
     """A tuned lens for ``lens`` trained under ``spec``: imported, from the cache, or trained now (resuming a
-    checkpoint; the processes of ``group`` share each step's chunks and sum their gradients)."""
+    checkpoint; the processes of ``group`` share each step's chunks and sum their gradients). With
+    ``warm_start=affine`` the run's affine projector (``spec.start``, fitted or taken from the cache with the
+    other arguments) is the start."""
     fingerprint = fingerprint or lens.fingerprint()
     if spec.import_from:
         return import_tuned(lens, spec)
+    warm, start_key = None, {}
+    if spec.start is not None:
+        warm, start_key = _warm_start(lens, spec, fingerprint, group, batch_size, max_length, on_nonfinite)
     key = {
         "family": "tuned",
         "model": model_key(fingerprint),
         "fit_on": spec.fit_on,
-        "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer)),
+        "stream_sha256": stream_hash(spec.fit_on, spec.recipe, len(lens.tokenizer),
+                                     warm.exclude_docs if warm else frozenset()),
         "recipe": spec.recipe.as_dict(),
+        **({"start": spec.start.as_dict(), **start_key} if warm else {}),
     }
     cached = load_entry(key) if key["model"] else None
     if group.all(cached is not None):
@@ -262,7 +309,7 @@ def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None,
     _require_training_text(spec)
     # no checkpoint for unidentified weights: it could be resumed by another model
     checkpoint = cache_root() / "tuned-checkpoints" / sha256_json(key)[:24] if key["model"] else None
-    projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group).train()
+    projector, info = TunedTrainer(lens, spec.recipe, spec.fit_on, checkpoint, group=group, warm=warm).train()
     fit_corpus = get_corpus(spec.fit_on)
     info = {**info, "fit_corpus_sha256": fit_corpus.source_hash, "fit_corpus_pin": fit_corpus.notes.get("pin"),
             "stream_sha256": key["stream_sha256"],

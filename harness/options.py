@@ -18,6 +18,7 @@ FITTED = ("mat", "affine", "tuned")  # projectors that learn from data
 LEAST_SQUARES = {"mat": False, "affine": True}  # name -> fitted with an intercept
 PROTOCOLS = ("paper", "dense")
 RECIPES = ("tuned-lens", "warm")
+WARM_STARTS = ("affine", "stream")
 # Keys a task sets for itself (task YAMLs and the task class) or lm-eval adds to every task's metadata
 # (config_source: the YAML it was read from), not options a user passes.
 TASK_KEYS = ("projector", "distribution", "analysis", "part", "custom", "version", "provenance", "config_source")
@@ -173,8 +174,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_budget", 16384, _int(1), "an integer >= 1", "tuned lens: training tokens"),
     Option("tokens_per_step", 1024, _int(1), "an integer >= 1", "tuned lens: tokens per SGD step"),
     Option("tuned_chunk_len", 256, _int(2), "an integer >= 2", "tuned lens: chunk length (documents joined with EOS)"),
+    Option("warm_start", "affine", _choice(*WARM_STARTS), " or ".join(WARM_STARTS),
+           "tuned lens, warm: start from the run's affine projector (n_fit items; keep-best on the train items after them) "
+           "or from an affine fit on the stream (stream: keep-best on held-out stream chunks)"),
     Option("warm_fit_tokens", 8192, _int(1), "an integer >= 1",
-           "tuned lens, warm: tokens of the stream used for the affine start (counted in the budget)"),
+           "tuned lens, warm: tokens of the stream for the step's preconditioner (and, with warm_start=stream, the affine "
+           "start); counted in the budget"),
     Option("tuned_loss", "kl", _choice("kl", "xent"), "kl or xent",
            "tuned lens: KL to the model's output (kl) or cross-entropy to the next token (xent)"),
     Option("stop_at", None, _float(0.0, optional=True, strict=True), "a number > 0, or none",

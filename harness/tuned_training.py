@@ -5,20 +5,24 @@ Recipes:
   lr 1.0 in that convention (0.1 as PyTorch applies it); weight decay 1e-3 towards the identity;
   linear decay to zero, no warm-up; gradient-norm clipping at 1.0; KL(p_final || p_lens) summed over
   layers; documents joined with EOS and cut into chunks. The token budget is a parameter.
-- ``warm``: started from the affine least-squares solution, fitted in one pass over the first
-  ``warm_fit_tokens`` tokens of the training stream (they count towards the budget and the time), then the
-  same optimiser on a preconditioned gradient (see ``Preconditioner``): the step is the same whatever the
-  scale of the hidden states. How far a step may go before it hurts still differs between models (Gemma 3's
+- ``warm``: started from an affine least-squares solution, then the same optimiser on a preconditioned
+  gradient (see ``Preconditioner``): the step is the same whatever the scale of the hidden states. The start
+  (``warm_start``) is the run's own ``affine`` projector (``affine``, the default: fitted on ``n_fit`` items of
+  the train split, drawn like the evaluation's), or an affine fit on the first ``warm_fit_tokens`` tokens of the
+  training stream (``stream``). Either way those stream tokens give the preconditioner its second moments
+  (they count towards the budget and the time). How far a step may go before it hurts still differs between models (Gemma 3's
   readout is far more sensitive than SmolLM2's), so each layer backtracks: a layer whose held-out loss is not
   below its best after a step returns to its best state, loses its momentum and halves its step.
 Each chunk is used once, so the training loss of a step is an estimate on unseen data; ``stop_at`` ends
 training early once the mean loss over layers reaches it (recorded, with the tokens actually spent).
 
-Held out: the first ``heldout_chunks`` chunks of the stream are never trained on. The recipe's loss on
-``heldout_positions`` of their positions is measured per layer before the first step and every
-``heldout_every`` steps (and after the last). With ``keep_best`` (the default of ``warm``) each layer's
-returned translator is the one with the lowest held-out loss seen, the start included, so the lens never
-ends worse than it started on that slice. The published recipe returns its last state, as published; its
+Held out: with ``warm_start=affine``, the train-split items that follow the ``n_fit`` fit items (the protocol's
+items, scored positions and all, so that "no worse than affine" is measured on data drawn like the
+evaluation); their documents are left out of the training stream. Otherwise the first ``heldout_chunks``
+chunks of the stream, never trained on. The recipe's loss on ``heldout_positions`` of the held-out positions
+is measured per layer before the first step and every ``heldout_every`` steps (and after the last). With
+``keep_best`` (the default of ``warm``) each layer's returned translator is the one with the lowest held-out
+loss seen, the start included, so the lens never ends worse than it started on that slice. The published recipe returns its last state, as published; its
 held-out curve and the states keep-best would have chosen are recorded beside it.
 """
 
@@ -39,7 +43,8 @@ from tqdm.auto import tqdm
 
 from . import options
 from .corpora import get_corpus
-from .options import RECIPES
+from .encoding import Encoded, batches
+from .options import RECIPES, WARM_STARTS
 from .distributed import SINGLE, Group
 from .models import LensModel
 from .projectors import GramAccumulator, LeastSquaresProjector, fit_least_squares
@@ -73,11 +78,12 @@ class TunedRecipe:
     clip: float = 1.0
     loss: str = options.default("tuned_loss")
     warm_fit_tokens: int = options.default("warm_fit_tokens")
+    warm_start: str | None = options.default("warm_start")  # warm: "affine" (the run's projector) or "stream"; else None
     stop_at: float | None = options.default("stop_at")  # mean KL over layers (nats) at which to stop early
     seed: int = options.default("seed")
     # held-out slice: the first chunks of the stream, never trained on (not counted in token_budget)
     heldout_chunks: int = 4
-    heldout_positions: int = 128  # positions scored per measurement, spread evenly over the held-out chunks (at most all)
+    heldout_positions: int = 256  # positions scored per measurement, spread evenly over the held-out data (at most all)
     heldout_every: int = 1  # steps between held-out measurements (the last step is always measured)
     keep_best: bool | None = None  # None: True for warm, False for the published recipe
     damping: float = 1e-3  # warm: ridge on the Jacobi-scaled covariance in the preconditioner
@@ -96,6 +102,10 @@ class TunedRecipe:
         if self.heldout_positions < 1:
             raise ValueError("heldout_positions must be at least 1")
         # resolve recipe-dependent defaults, so that as_dict (the cache key) names what was run
+        if self.name != "warm":
+            object.__setattr__(self, "warm_start", None)
+        elif self.warm_start not in WARM_STARTS:
+            raise ValueError(f"unknown warm_start {self.warm_start!r}; expected one of {WARM_STARTS}")
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.name])
         if self.keep_best is None:
@@ -109,13 +119,14 @@ class TunedRecipe:
         return asdict(self)
 
 
-def token_chunks(tokenizer, corpus_name: str, chunk_len: int, seed: int, split: str = "train"):
-    """Chunks of ``chunk_len`` token ids: the split's documents in seeded order, joined with EOS.
+def token_chunks(tokenizer, corpus_name: str, chunk_len: int, seed: int, split: str = "train",
+                 exclude_docs: frozenset[str] = frozenset()):
+    """Chunks of ``chunk_len`` token ids: the split's documents in seeded order (but ``exclude_docs``), joined with EOS.
 
     A generator: documents are tokenized as they are reached, so memory stays flat.
     """
     corpus = get_corpus(corpus_name)
-    docs = corpus.split(split, seed=seed)
+    docs = [d for d in corpus.split(split, seed=seed) if d.doc_id not in exclude_docs]
     order = np.random.default_rng(seed).permutation(len(docs))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos is None:
@@ -128,10 +139,31 @@ def token_chunks(tokenizer, corpus_name: str, chunk_len: int, seed: int, split: 
             buffer = buffer[chunk_len:]
 
 
-def stream_hash(corpus_name: str, recipe: TunedRecipe, tokenizer_vocab: int) -> str:
+def stream_hash(corpus_name: str, recipe: TunedRecipe, tokenizer_vocab: int,
+                exclude_docs: frozenset[str] = frozenset()) -> str:
     corpus = get_corpus(corpus_name)
-    return sha256_json({"corpus": corpus.source_hash, "chunk_len": recipe.chunk_len, "seed": recipe.seed,
-                        "vocab": tokenizer_vocab})
+    fields = {"corpus": corpus.source_hash, "chunk_len": recipe.chunk_len, "seed": recipe.seed, "vocab": tokenizer_vocab}
+    if exclude_docs:
+        fields["exclude_docs"] = sorted(exclude_docs)
+    return sha256_json(fields)
+
+
+def item_doc(item_id: str) -> str:
+    """The document an item was drawn from (item ids are ``<doc id>#s<k>`` or ``<doc id>#b<k>``)."""
+    return item_id.rsplit("#", 1)[0]
+
+
+@dataclass
+class WarmStart:
+    """``warm_start=affine``: the run's affine projector and the train items held out to measure the lens on."""
+
+    affine: LeastSquaresProjector
+    heldout: list[Encoded]  # encoded items of the train split after the fit items
+    record: dict  # provenance: the fit it came from, the held-out items
+
+    @property
+    def exclude_docs(self) -> frozenset[str]:
+        return frozenset(item_doc(e.item_id) for e in self.heldout)
 
 
 def _lens_loss_sum(lens: LensModel, projected: torch.Tensor, final_lp: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
@@ -325,10 +357,12 @@ def _rounded(values: list[float]) -> list[float]:
 
 class TunedTrainer:
     def __init__(self, lens: LensModel, recipe: TunedRecipe, fit_on: str, checkpoint: Path | None = None,
-                 group: Group = SINGLE):
+                 group: Group = SINGLE, warm: WarmStart | None = None):
         if lens.masked:
             raise TrainingError("tuned lenses are trained on causal language models only")
-        self.lens, self.recipe, self.fit_on, self.group = lens, recipe, fit_on, group
+        if (recipe.warm_start == "affine") != (warm is not None):
+            raise ValueError("warm_start=affine trains from the run's affine projector: pass it (WarmStart), and only then")
+        self.lens, self.recipe, self.fit_on, self.group, self.warm = lens, recipe, fit_on, group, warm
         self.checkpoint = Path(checkpoint) if checkpoint else None
         for p in lens.model.parameters():
             p.requires_grad_(False)  # the model is frozen; only the lens learns
@@ -349,7 +383,10 @@ class TunedTrainer:
                     acc.update(self._states(torch.stack(mine)))
                 used += sum(c.numel() for c in step_chunks)
             acc.reduce(self.group.sum_)
-            affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
+            if self.warm is not None:
+                affine = self.warm.affine
+            else:
+                affine = LeastSquaresProjector("affine", fit_least_squares(acc, intercept=True))
             init = TunedProjector.from_affine(affine, L)
             precond = Preconditioner.from_moments(acc, L, self.recipe.damping)
             warm_seconds = time.perf_counter() - start
@@ -380,6 +417,33 @@ class TunedTrainer:
         flat = torch.tensor([k * r.chunk_len + p for k, p in picks])
         nxt = torch.stack([batch[k, p + 1] for k, p in picks])
         return HeldOut(states[:, flat.to(states.device)].contiguous(), nxt, len(wanted))
+
+    def _heldout_items(self, encoded: list[Encoded]) -> HeldOut:
+        """States at this process's share of ``heldout_positions`` scored positions of the held-out items, spread
+        evenly over all their positions (those with a next token when the loss is cross-entropy)."""
+        r, lens = self.recipe, self.lens
+        L, d = lens.num_layers, lens.d_model
+        usable = [(i, k) for i, e in enumerate(encoded) for k, t in enumerate(e.targets) if r.loss == "kl" or t >= 0]
+        if not usable:
+            raise TrainingError("the held-out items have no scored position to measure the lens on")
+        count = min(r.heldout_positions, len(usable))
+        chosen = {usable[int((j + 0.5) * len(usable) / count)] for j in range(count)}
+        mine = self.group.shard(list(range(len(encoded))))
+        pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+        index = {e.item_id: i for i, e in enumerate(encoded)}
+        states, targets = [], []
+        for batch in batches([encoded[i] for i in mine], 16, pad):
+            captured = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
+            keep, seen = [], {}
+            for p, o in enumerate(batch.owner.tolist()):  # an item's positions come in order
+                k = seen[o] = seen.get(o, -1) + 1
+                if (index[batch.encoded[o].item_id], k) in chosen:
+                    keep.append(p)
+            states.append(captured[:, torch.tensor(keep, dtype=torch.long, device=captured.device)])
+            targets.append(batch.targets[keep])
+        if not states:
+            return HeldOut(torch.zeros(L + 1, 0, d, device=lens.device), torch.zeros(0, dtype=torch.long), count)
+        return HeldOut(torch.cat(states, 1).contiguous(), torch.cat(targets), count)
 
     def _heldout_losses(self, heldout: HeldOut, W, b, step: int) -> list[float]:
         """Mean held-out loss per layer over all processes' positions (of the lens after ``step`` steps)."""
@@ -457,9 +521,13 @@ class TunedTrainer:
         r, lens = self.recipe, self.lens
         L = lens.num_layers
         per_step = r.tokens_per_step // r.chunk_len
-        chunks = token_chunks(lens.tokenizer, self.fit_on, r.chunk_len, r.seed)
         start = time.perf_counter()
-        heldout = self._heldout(_next_chunks(chunks, r.heldout_chunks, "held-out slice"))
+        if self.warm is not None:
+            chunks = token_chunks(lens.tokenizer, self.fit_on, r.chunk_len, r.seed, exclude_docs=self.warm.exclude_docs)
+            heldout = self._heldout_items(self.warm.heldout)
+        else:
+            chunks = token_chunks(lens.tokenizer, self.fit_on, r.chunk_len, r.seed)
+            heldout = self._heldout(_next_chunks(chunks, r.heldout_chunks, "held-out slice"))
         W, b, warm_tokens, warm_seconds, precond = self._init_params(chunks)
         opt = torch.optim.SGD([W, b], lr=r.lr * (1 - r.momentum), momentum=r.momentum, nesterov=True, weight_decay=r.weight_decay)
         total_steps = max(1, (r.token_budget - warm_tokens) // r.tokens_per_step)
@@ -527,8 +595,7 @@ class TunedTrainer:
             "stopped_early": stopped_early,
             "budget_exhausted": step >= total_steps,
             "loss_curve": losses,
-            "heldout_tokens": r.heldout_chunks * r.chunk_len,
-            "heldout_measure": f"{r.loss} (nats), mean over {heldout.total} positions of the held-out chunks",
+            **self._heldout_record(heldout),
             "heldout_seconds_per_measure": round(heldout_seconds, 2),
             "heldout_start": _rounded(tracker.start),
             "heldout_end": _rounded(end),
@@ -540,6 +607,15 @@ class TunedTrainer:
         if not r.keep_best:  # what keep-best would have returned, for comparison
             info["heldout_best"], info["steps_best"] = _rounded(tracker.best), tracker.best_step
         return TunedProjector(weight.cpu().clone(), bias.cpu().clone()), info
+
+    def _heldout_record(self, heldout: HeldOut) -> dict:
+        r = self.recipe
+        if self.warm is not None:
+            return {"warm_start": self.warm.record,
+                    "heldout_measure": f"{r.loss} (nats), mean over {heldout.total} scored positions of "
+                                       f"{len(self.warm.heldout)} held-out train items (their documents left out of the stream)"}
+        return {"heldout_tokens": r.heldout_chunks * r.chunk_len,
+                "heldout_measure": f"{r.loss} (nats), mean over {heldout.total} positions of the held-out chunks"}
 
     def _accumulate_gradients(self, W, b, step_chunks: list[torch.Tensor]) -> list[float]:
         """Gradients of the step's mean loss (summed over layers) in W.grad and b.grad; the per-layer losses.

@@ -128,8 +128,9 @@ def test_changed_block_weights_retrain_the_tuned_lens():
 
     model, tok = tiny.build("llama")
     lens = build_lens_model(model, tok)
-    spec = TunedSpec(fixture_distribution(), TunedRecipe("warm", token_budget=256 + 64, chunk_len=32, tokens_per_step=64,
-                                              warm_fit_tokens=256, seed=3))
+    # the warm start is the run's affine projector (SPEC), which the changed weights refit too
+    spec = TunedSpec(SPEC.fit_on, TunedRecipe("warm", token_budget=256 + 64, chunk_len=32, tokens_per_step=64,
+                                              warm_fit_tokens=256, seed=3, heldout_positions=16), start=SPEC)
     base, info = get_tuned(lens, spec)
     assert info["cache"] == "miss" and get_tuned(lens, spec)[1]["cache"] == "hit"
     _perturb_blocks(model)

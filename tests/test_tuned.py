@@ -15,7 +15,7 @@ from jtc_lens.harness.tuned_training import TrainingError, TunedRecipe, TunedTra
 # reads the bundled corpora (training streams and evaluation items)
 pytestmark = pytest.mark.realdata
 
-SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
+SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3, warm_start="stream")
 
 
 def _lens(arch="llama", seed=0):
@@ -172,3 +172,73 @@ def test_a_published_lens_is_evaluated_without_training(tmp_path):
     assert config["imported_from"] == str(tmp_path / "published") and len(config["params_sha256"]) == 64
     assert config["identity_check"].startswith("unembed_sha256") and config["allow_unverified_lens"] is False
     assert "tokens_spent" not in config
+
+
+def _kl_per_layer(lens, projector, states):
+    """Mean KL(p_final || p_lens) per layer of ``projector`` at ``states`` (L+1, P, d), computed here directly."""
+    L = lens.num_layers
+    final = torch.log_softmax(lens.readout(states[L]).float(), -1)
+    out = []
+    for l in range(L):
+        lp = torch.log_softmax(lens.readout(projector.project(states, [l], L)[0]).float(), -1)
+        out.append(float((final.exp() * (final - lp)).sum(-1).mean()))
+    return out
+
+
+def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_training_does_not_help():
+    from jtc_lens.harness.encoding import batches, encode_all
+    from jtc_lens.harness.fitting import FitSpec, get_least_squares
+
+    lens = _lens("qwen2")
+    protocol = ProtocolConfig("paper", seed=1)
+    fit = FitSpec("wikipedia", protocol, n_fit=200)
+    recipe = TunedRecipe("warm", token_budget=256 + 64 * 3, heldout_positions=40, **{**SMALL, "warm_start": "affine"})
+    spec = TunedSpec("wikipedia", recipe, start=fit)
+    items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=4)
+    engine = Engine(lens, batch_size=4)
+    responses = engine.run([EvalRequest(p, "wikipedia", "validation", protocol, it, s)
+                            for p, s in (("tuned", spec), ("affine", fit)) for it in items])
+    tuned_config = responses[0]["provenance"]["projector_config"]
+    affine_config = responses[-1]["provenance"]["projector_config"]
+    start = tuned_config["warm_start"]
+    assert start["fit_data_sha256"] == affine_config["fit_data_sha256"] and start["fit"]["n_fit"] == 200
+    assert start["heldout_first_item"] == 200 and start["heldout_items"] == 40
+
+    # the held-out items are the 40 train items after the 200 fit items; at the start the lens is the affine
+    # projector, so the recorded held-out loss at the start is affine's KL there
+    held = build_items(get_corpus("wikipedia"), "train", protocol, limit=240)[200:]
+    encoded, _ = encode_all(held, lens.tokenizer, protocol, lens.masked)
+    (batch,) = list(batches(encoded, 64, 0))
+    states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
+    affine = get_least_squares(lens, fit).affine
+    assert tuned_config["heldout_start"] == pytest.approx(_kl_per_layer(lens, affine, states), rel=1e-4, abs=1e-6)
+
+    # never worse than the start; a layer that kept its start is the affine map itself
+    tuned, info = get_tuned(lens, spec)
+    assert info["cache"] == "hit"
+    assert all(e <= s for e, s in zip(info["heldout_end"], info["heldout_start"]))
+    for l, kept in enumerate(info["steps_kept"]):
+        if kept == 0:
+            torch.testing.assert_close(tuned.project(states, [l], 3), affine.project(states, [l], 3), rtol=1e-4, atol=1e-4)
+    assert _kl_per_layer(lens, tuned, states) == pytest.approx(info["heldout_end"], rel=1e-4, abs=1e-6)
+
+
+def test_the_stream_leaves_out_the_held_out_documents():
+    from jtc_lens.harness.tuned_training import token_chunks
+
+    lens = _lens("qwen2")
+    docs = get_corpus("wikipedia").split("train", seed=3)
+    keep = {docs[0].doc_id, docs[1].doc_id}
+    exclude = frozenset(d.doc_id for d in docs) - keep
+    tokens = torch.cat(list(token_chunks(lens.tokenizer, "wikipedia", 16, 3, exclude_docs=exclude))).tolist()
+    texts = [d.text for d in docs if d.doc_id in keep]
+    lengths = [len(lens.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    assert sum(lengths) - 16 < len(tokens) <= sum(lengths)  # the two documents, cut into whole chunks
+
+
+def test_warm_start_affine_needs_the_runs_fit():
+    recipe = TunedRecipe("warm", token_budget=256 + 64, **{**SMALL, "warm_start": "affine"})
+    with pytest.raises(ValueError, match="needs its FitSpec"):
+        TunedSpec("wikipedia", recipe)
+    with pytest.raises(ValueError, match="warm_start=affine trains from the run's affine projector"):
+        TunedTrainer(_lens(), recipe, "wikipedia")

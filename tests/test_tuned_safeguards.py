@@ -14,7 +14,7 @@ from jtc_lens.harness.tuned_training import CHECKPOINT_FILE, TunedRecipe, TunedT
 # reads the bundled corpora (training streams and evaluation items)
 pytestmark = pytest.mark.realdata
 
-SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3)
+SMALL = dict(chunk_len=32, tokens_per_step=64, warm_fit_tokens=256, seed=3, warm_start="stream")
 
 
 def _scaled_qwen2(scale: float):

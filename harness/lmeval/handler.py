@@ -24,8 +24,14 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
     if spec["projector"] == "tuned":
         from ..tuned_training import TunedRecipe
 
-        fit = TunedSpec(fit_on=spec["fit_on"], recipe=TunedRecipe(**spec["recipe"]), import_from=spec.get("import_from"),
-                        allow_unverified=bool(spec.get("allow_unverified_lens", False)))
+        recipe = TunedRecipe(**spec["recipe"])
+        start = None
+        if recipe.warm_start == "affine" and not spec.get("import_from"):
+            s = spec["start"]
+            start = FitSpec(fit_on=s["fit_on"], protocol=protocol, n_fit=int(s["n_fit"]), pairs=s["pairs"],
+                            ridge=s.get("ridge", 0.0))
+        fit = TunedSpec(fit_on=spec["fit_on"], recipe=recipe, import_from=spec.get("import_from"),
+                        allow_unverified=bool(spec.get("allow_unverified_lens", False)), start=start)
     elif spec["projector"] in FITTED:
         fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"],
                       ridge=spec.get("ridge", 0.0))

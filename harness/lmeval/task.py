@@ -137,8 +137,9 @@ class JTCTask(ConfigurableTask):
             spec.update(fit_on=meta["fit_on"], recipe={
                 "name": meta["recipe"], "token_budget": meta["token_budget"], "chunk_len": meta["tuned_chunk_len"],
                 "tokens_per_step": meta["tokens_per_step"], "warm_fit_tokens": meta["warm_fit_tokens"],
-                "loss": meta["tuned_loss"], "stop_at": meta["stop_at"], "seed": meta["seed"]},
-                import_from=meta["tuned_lens_path"], allow_unverified_lens=meta["allow_unverified_lens"])
+                "warm_start": meta["warm_start"], "loss": meta["tuned_loss"], "stop_at": meta["stop_at"], "seed": meta["seed"]},
+                import_from=meta["tuned_lens_path"], allow_unverified_lens=meta["allow_unverified_lens"],
+                start=self._least_squares_spec())  # warm_start=affine: the fit of the run's affine projector
         elif meta["projector"] in FITTED:
             spec.update(self._least_squares_spec())
         return Instance(
