@@ -66,7 +66,9 @@ def main() -> int:
     pub_seconds = time.perf_counter() - start
     target = sum(info_pub["loss_curve"][-3:]) / len(info_pub["loss_curve"][-3:])
     start = time.perf_counter()
-    warm, info_warm = TunedTrainer(lens, TunedRecipe("warm", stop_at=target, **common), args.distribution).train()
+    # the stream start: both recipes see only the token stream (warm_start=affine would also use the fit items)
+    warm, info_warm = TunedTrainer(lens, TunedRecipe("warm", stop_at=target, warm_start="stream", **common),
+                                   args.distribution).train()
     warm_seconds = time.perf_counter() - start
     rows["tuned (tuned-lens recipe)"] = (published, f"{info_pub['tokens_spent']:,} tokens", pub_seconds)
     rows["tuned (warm)"] = (warm, f"{info_warm['tokens_spent']:,} tokens" + (" (stopped early)" if info_warm["stopped_early"] else ""), warm_seconds)
