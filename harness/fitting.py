@@ -32,11 +32,14 @@ MODEL_KEY = ("config_sha256", "unembed_sha256", "weights_sha256")
 
 
 def model_key(fingerprint: dict) -> dict | None:
-    """What identifies the model in a cache key: its config and every weight. None when the weights could not
-    be hashed: then no entry can be known to belong to this model, and the cache is not used."""
+    """What identifies the model in a cache key: its config, every weight and its layer intervention. None when
+    the weights could not be hashed: then no entry can be known to belong to this model, and the cache is not used."""
     if not fingerprint.get("weights_sha256"):
         return None
-    return {k: fingerprint[k] for k in MODEL_KEY}
+    key = {k: fingerprint[k] for k in MODEL_KEY}
+    if fingerprint.get("layers"):
+        key["layers"] = fingerprint["layers"]  # blocks skipped or reordered: other hidden states, other fits
+    return key
 
 
 def _uncached(fingerprint: dict) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layer_spec import config_num_layers
 from .store import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class LensModel:
 
     def fingerprint(self) -> dict:
         """Identity of the weights a projector is fitted for: the config, every parameter and buffer, and
-        (for the tuned-lens import check) the unembedding on its own.
+        (for the tuned-lens import check) the unembedding on its own; and the layer intervention the blocks
+        run under, if any (harness/layer_interventions.py).
 
         The weights are hashed afresh on every call, never remembered: a model changed in memory between
         two runs must not keep the first one's identity. Callers hash once per run (``Engine``).
@@ -137,6 +139,13 @@ class LensModel:
             "weights_sha256": weights_hash,
             "id": sha256_bytes(f"{config_hash}:{weights_hash or unembed_hash}".encode())[:16],
         }
+        from .layer_interventions import active_record  # here: that module builds on this one
+
+        layers = active_record(self.blocks)
+        if layers:
+            # the same weights run another way are another model: its own cache entries and identity
+            out["layers"] = layers
+            out["id"] = sha256_bytes(f"{out['id']}:{json.dumps(layers, sort_keys=True)}".encode())[:16]
         if unhashed:
             out["weights_not_hashed"] = unhashed
         return out
@@ -189,6 +198,18 @@ def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
 
 
+def _num_layers(model: nn.Module) -> int:
+    n_layers = config_num_layers(model.config)
+    if not n_layers:
+        raise AdapterError(f"{type(model).__name__}: the config names no number of layers (num_hidden_layers / n_layer)")
+    return n_layers
+
+
+def block_list(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks, found as ``build_lens_model`` finds it (no forward-pass check)."""
+    return _find_blocks(model, _num_layers(model))[1]
+
+
 def _parent_of(model: nn.Module, child: nn.Module) -> tuple[str, nn.Module]:
     for name, mod in model.named_modules():
         if any(c is child for c in mod.children()):
@@ -233,9 +254,7 @@ def build_lens_model(model: nn.Module, tokenizer, verify: bool = True) -> LensMo
             f"{type(model).__name__} is an encoder-decoder model, which is not supported: the lens reads one stack of "
             "blocks whose last state the unembedding turns into the prediction, and here the prediction comes from a "
             "decoder attending to a separate encoder; use a decoder-only (causal) LM or an encoder-only masked LM")
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not n_layers:
-        raise AdapterError(f"{type(model).__name__}: the config names no number of layers (num_hidden_layers / n_layer)")
+    n_layers = _num_layers(model)
     unembed = model.get_output_embeddings()
     if unembed is None or not hasattr(unembed, "weight"):
         raise AdapterError(f"{type(model).__name__}: no output embedding (unembedding) found; a language-model head is required")

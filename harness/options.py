@@ -141,6 +141,15 @@ def _distribution(value):
     return text
 
 
+def _layers(value):
+    """A layer intervention spec (harness/layer_spec.py), as its canonical text; None: the model as it is."""
+    if _none_words(value):
+        return None
+    from .layer_spec import parse_layer_spec  # torch-free
+
+    return parse_layer_spec(value).text
+
+
 def _distribution_allowed() -> str:
     return "a registered distribution (jtc corpora list), file:PATH or hf:NAME[:CONFIG]"
 
@@ -168,6 +177,10 @@ OPTIONS: tuple[Option, ...] = (
            "non-finite hidden states or logits: stop the run (error) or drop those items and record them (drop)"),
     Option("submodule_every", 1, _int(1), "an integer >= 1",
            "jtc_submodule_* tasks: intervene from every k-th start layer (0, k, 2k, ...); 1: every layer"),
+    Option("jtc_layers", None, _layers,
+           "none, or KIND:FIRST:LAST[:K] with KIND skip, middle_repeat, reverse, random, parallel or looped_parallel (K loops, only there)",
+           "run the model with blocks FIRST..LAST (0-based, inclusive) skipped, repeated, reordered or run in parallel "
+           "(Sun et al. 2024), for every task; random draws its order from seed"),
     Option("jtc_batch_size", 16, _int(1), "an integer >= 1", "items per forward pass"),
     Option("recipe", "warm", _choice(*RECIPES), " or ".join(RECIPES),
            "tuned lens: the published recipe (tuned-lens, zero start) or the least-squares warm start (warm)"),

@@ -55,12 +55,13 @@ def tokenizer(masked: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def build(arch: str, layers: int = 3, d: int = 32, seed: int = 0):
-    """(model, tokenizer) for ``arch``, randomly initialised under ``seed``, in float32 eval mode."""
+def build(arch: str, layers: int = 3, d: int = 32, seed: int = 0, **config):
+    """(model, tokenizer) for ``arch``, randomly initialised under ``seed``, in float32 eval mode; ``config``:
+    further config fields (e.g. Gemma 3's ``layer_types``)."""
     torch.manual_seed(seed)
     tok = tokenizer(masked=arch == "bert")
     v = len(tok)
-    common = dict(vocab_size=v)
+    common = dict(vocab_size=v, **config)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=d, n_head=4, n_positions=256, **common))
     elif arch == "llama":
@@ -71,7 +72,7 @@ def build(arch: str, layers: int = 3, d: int = 32, seed: int = 0):
                                              num_key_value_heads=2, max_position_embeddings=256, **common))
     elif arch == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=2 * d, num_attention_heads=4,
-                                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=16, **common))
+                                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **{"sliding_window": 16, **common}))
     elif arch == "gptneox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=2 * d, num_attention_heads=4,
                                                  max_position_embeddings=256, **common))

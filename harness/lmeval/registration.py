@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..options import NAMES as OPTION_NAMES
 from ..options import OptionError, likely_misspelled, parse_options, unknown_message
+from . import layers
 
 # Keys the hf model was given in this process: lm-eval merges them into every task's metadata, where they
 # are the model's arguments, not unknown options.
@@ -54,18 +55,20 @@ def tasks_dir() -> str:
     raise FileNotFoundError(f"the jtc task YAMLs were not found beside {here}")
 
 
-def _wrap_init(cls, adjust_kwargs, after=None) -> None:
-    """Make ``cls.__init__`` pass its keyword arguments through ``adjust_kwargs`` first and call
-    ``after(self)`` once it is done; idempotent."""
+def _wrap_init(cls, adjust_kwargs, after=None, before=None) -> None:
+    """Make ``cls.__init__`` call ``before(args, kwargs)`` (checks), pass its keyword arguments through
+    ``adjust_kwargs`` and call ``after(self, kwargs)`` (the given ones) once it is done; idempotent."""
     original = cls.__init__
     if getattr(original, "_jtc_patched", False):
         return
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
+        if before is not None:
+            before(args, kwargs)
         original(self, *args, **adjust_kwargs(kwargs))
         if after is not None:
-            after(self)
+            after(self, kwargs)
 
     __init__._jtc_patched = True
     cls.__init__ = __init__
@@ -162,5 +165,12 @@ def _close_process_group_at_exit() -> None:
     atexit.register(close)
 
 
+def after_hf_init(lm, kwargs: dict) -> None:
+    """What the hf model needs once built: CPU data parallelism, and the ``jtc_layers`` intervention."""
+    _data_parallel_on_cpu(lm)
+    layers.install(lm, kwargs)
+
+
 def patch_hf_model(module) -> None:
-    _wrap_init(module.HFLM, _without_jtc_options, after=_data_parallel_on_cpu)
+    # jtc_layers is checked (syntax, and range from the config) before the weights are loaded
+    _wrap_init(module.HFLM, _without_jtc_options, after=after_hf_init, before=layers.check_before_load)
