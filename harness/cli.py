@@ -81,11 +81,12 @@ def _corpora(args) -> int:
 
 
 def _table(args) -> int:
-    from .report import compare_table, exit_table, layer_table, results_files, submodule_table
+    from .report import compare_table, exit_table, intervention_table, layer_table, results_files, submodule_table
 
     a, _, b = args.compare.partition(",")
     make = {"compare": lambda p: compare_table(p, a, b, args.metric), "exit": exit_table,
-            "submodule": lambda p: submodule_table(p, args.distribution), "layers": lambda p: layer_table(p, args.metric)}
+            "submodule": lambda p: submodule_table(p, args.distribution), "layers": lambda p: layer_table(p, args.metric),
+            "interventions": intervention_table}
     shown = 0
     for path in results_files(args.results):
         try:
@@ -182,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     table = sub.add_parser("table", help="per-layer Markdown table of a metric from lm-eval results")
     table.add_argument("results", nargs="+", help="results_*.json files or folders holding them")
     table.add_argument("--metric", default="p@1")
-    table.add_argument("--kind", default="layers", choices=("layers", "compare", "exit", "submodule"),
+    table.add_argument("--kind", default="layers", choices=("layers", "compare", "exit", "submodule", "interventions"),
                        help="layers: a metric per layer and projector; compare: one projector minus another per layer "
                             "and distribution (--compare A,B); exit: blocks saved by early exit; submodule: P@1 of "
-                            "the sub-module shortcuts per start layer")
+                            "the sub-module shortcuts per start layer; interventions: the layer interventions' scores "
+                            "and the paired tests of the paper's claims")
     table.add_argument("--compare", default="tuned,affine", help="compare: the two projectors, A,B (A − B)")
     table.add_argument("--distribution", default=None, help="submodule: the distribution of the per-layer table")
     table.set_defaults(func=_table)

@@ -36,7 +36,7 @@ LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
 # 262k vocabulary), which a few rows cannot amortise.
 MIN_LOGIT_ROWS = 128
-ANALYSES = ("lens", "exit", "submodule")
+ANALYSES = ("lens", "exit", "submodule", "layers")
 EXIT_PROJECTORS = ("id", "mat", "tuned")
 
 
@@ -51,7 +51,7 @@ class EvalRequest:
     analysis: str = "lens"  # lens: the item's lens metrics; exit: its early-exit record
     base: tuple | None = None  # exit: the key (name, fit) of the projector it is paired with, on the same items
     part: str | None = None  # submodule: attn, ffn or norm (the request's projector, mat, is the baseline and its fit the maps')
-    every: int = 1  # submodule: every k-th start layer
+    every: int = 1  # submodule, layers: every k-th start layer
 
     def __post_init__(self):
         if self.analysis not in ANALYSES:
@@ -61,6 +61,8 @@ class EvalRequest:
         if self.analysis == "submodule" and (self.projector != "mat" or self.part not in PARTS):
             raise ValueError(f"a sub-module request names a part of {', '.join(PARTS)} (not {self.part!r}) and the mat "
                              "projector as its baseline and fit")
+        if self.analysis == "layers" and self.projector != "id":
+            raise ValueError("a layer-intervention request scores the model's own output: its projector is id")
         if self.base is not None and (self.analysis != "exit" or self.base[0] not in EXIT_PROJECTORS):
             raise ValueError(f"a paired base projector ({self.base[0]!r}) is for early exit with {', '.join(EXIT_PROJECTORS)}")
         if self.projector not in NAMES:
@@ -101,13 +103,63 @@ class Engine:
     def run(self, requests: list[EvalRequest]) -> list[dict]:
         """One dict per request: the item's metric values, and under "provenance" the record of how they were
         obtained (one record object shared by every item of the same evaluation set and projector)."""
-        studies = [i for i, r in enumerate(requests) if r.analysis == "submodule"]
-        others = [i for i, r in enumerate(requests) if r.analysis != "submodule"]
         responses: list[dict | None] = [None] * len(requests)
-        for i, response in zip(others, self._run_lenses([requests[i] for i in others])):
-            responses[i] = response
-        for i, response in zip(studies, self._run_submodules([requests[i] for i in studies])):
-            responses[i] = response
+        for analyses, runner in ((("lens", "exit"), self._run_lenses), (("submodule",), self._run_submodules),
+                                 (("layers",), self._run_layers)):
+            # every runner runs, even with no request here: under data parallelism its collectives must match up
+            mine = [i for i, r in enumerate(requests) if r.analysis in analyses]
+            for i, response in zip(mine, runner([requests[i] for i in mine])):
+                responses[i] = response
+        return responses  # type: ignore[return-value]
+
+    def _run_layers(self, requests: list[EvalRequest]) -> list[dict]:
+        """The layer-intervention study of every (evaluation set, every) asked for, each process on its items; the
+        per-item values of all processes are gathered for the paired tests."""
+        from .layer_interventions import active_record
+        from .layer_study import study, summarise
+
+        active = active_record(self.lens.blocks)
+        if requests and active is not None:
+            raise ValueError(f"jtc_layers_* tasks intervene on the model themselves, but it already runs under "
+                             f"jtc_layers={active['spec']}: run them without jtc_layers")
+        by_key: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_key[(r.group_key, r.every)].append(i)
+        keys: set = set()
+        for theirs in self.group.gather(sorted(by_key, key=repr)):
+            keys |= set(theirs)
+        responses: list[dict | None] = [None] * len(requests)
+        for key in sorted(keys, key=repr):
+            group, every = key
+            distribution, split, protocol = group
+            items: dict[str, Item] = {}
+            for i in by_key.get(key, []):
+                items.setdefault(requests[i].item.item_id, requests[i].item)
+            encoded, too_short = encode_all(list(items.values()), self.lens.tokenizer, protocol, self.lens.masked,
+                                            self.max_length)
+            values, info = study(self.lens, encoded, every, protocol.seed, self.batch_size,
+                                 desc=f"jtc layer interventions {distribution}/{split}")
+            everyone = {k: v for theirs in self.group.gather(values) for k, v in theirs.items()}
+            nonfinite_counts: dict[str, int] = defaultdict(int)
+            for theirs in self.group.gather(info["nonfinite_positions"]):
+                for spec, n in theirs.items():
+                    nonfinite_counts[spec] += n
+            info = {**info, "nonfinite_positions": dict(nonfinite_counts),
+                    "nonfinite_meaning": "positions whose final prediction was non-finite (the intervened model "
+                                         "diverged); their metrics are NaN, so a mean over items containing one is NaN"}
+            gathered = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added)
+                                          for e in encoded])
+            union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
+            prov = self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
+            record = {**prov, "projector_config": {"name": "id"},
+                      "layers": {**info, "summary": summarise(everyone, info, protocol.seed) if everyone else None}}
+            record = {**record, "record_id": sha256_json(record)[:16]}
+            for i in by_key.get(key, []):
+                item_id = requests[i].item.item_id
+                if item_id in too_short:
+                    responses[i] = {"skipped": too_short[item_id], "provenance": record}
+                else:
+                    responses[i] = {**values[item_id], "provenance": record}
         return responses  # type: ignore[return-value]
 
     def _run_submodules(self, requests: list[EvalRequest]) -> list[dict]:

@@ -181,6 +181,8 @@ OPTIONS: tuple[Option, ...] = (
            "none, or KIND:FIRST:LAST[:K] with KIND skip, middle_repeat, reverse, random, parallel or looped_parallel (K loops, only there)",
            "run the model with blocks FIRST..LAST (0-based, inclusive) skipped, repeated, reordered or run in parallel "
            "(Sun et al. 2024), for every task; random draws its order from seed"),
+    Option("layers_every", 1, _int(1), "an integer >= 1",
+           "jtc_layers_* tasks: intervene on the middle spans [s, L-1-s] for every k-th start s (1, 1+k, ...); 1: every span"),
     Option("jtc_batch_size", 16, _int(1), "an integer >= 1", "items per forward pass"),
     Option("recipe", "warm", _choice(*RECIPES), " or ".join(RECIPES),
            "tuned lens: the published recipe (tuned-lens, zero start) or the least-squares warm start (warm)"),

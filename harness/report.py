@@ -170,3 +170,40 @@ def submodule_table(results_file: Path, distribution: str | None = None) -> str:
         out.append(f"| {d} | " + " | ".join(_p1(mean(p, '')) for p in parts) + " | "
                    + " | ".join(_p1(mean(p, 'removed_')) for p in parts) + f" | {mean(parts[0], 'mat_'):.3f} |")
     return "\n".join(out) + "\n"
+
+
+def _claim_cell(test: dict) -> str:
+    if test.get("diff") is None:
+        return "–"
+    mark = " ✓" if test["hi"] < 0 else " ✗" if test["lo"] > 0 else ""
+    return f"{test['diff']:+.3f} [{test['lo']:+.3f}, {test['hi']:+.3f}]{mark}"
+
+
+def intervention_table(results_file: Path) -> str:
+    """Per distribution of the layer-intervention tasks: the normalised score per intervention and span, and the
+    paired tests of the paper's claims (cross-entropy, better − worse, 95% interval; ✓ holds, ✗ fails)."""
+    data = json.loads(results_file.read_text())
+    tasks = _tasks_by(data, "layers")
+    if not tasks:
+        raise ValueError(f"{results_file}: no layer-intervention task")
+    out = []
+    for task, (res, meta) in sorted(tasks.items(), key=lambda kv: str(kv[1][1].get("distribution") or kv[1][1].get("corpus"))):
+        prov = meta.get("provenance", {})
+        info, summary = prov.get("layers", {}), prov.get("layers", {}).get("summary") or {}
+        L = prov.get("model", {}).get("num_layers")
+        starts = info.get("starts", [])
+        spans = [f"{s}–{L - 1 - s} ({L - 2 * s})" for s in starts]
+        out += [_model_line(prov, results_file) + f": layer interventions on {prov.get('distribution')}, normalised score "
+                f"(0: uniform prediction, 1: the unmodified model, cross-entropy {summary.get('xent_unmodified', float('nan')):.3f} "
+                f"nats); {prov.get('items', '?')} items; columns: span (blocks altered)\n",
+                "| intervention | " + " | ".join(spans) + " |", "|---|" + "---:|" * len(spans)]
+        for kind in info.get("kinds", []):
+            cells = [summary["by_kind"][kind][str(s)]["score"] for s in starts]
+            out.append(f"| {kind} | " + " | ".join("diverged" if c is None else f"{c:.3f}" for c in cells) + " |")
+        out += ["", "Claims (cross-entropy, better − worse, nats, 95% bootstrap interval; ✓: holds, ✗: fails):\n",
+                "| claim | " + " | ".join(spans) + " |", "|---|" + "---:|" * len(spans)]
+        for c in summary.get("claims", []):
+            out.append(f"| {c['claim']} ({c['a']} − {c['b']}) | "
+                       + " | ".join(_claim_cell(c["by_start"][str(s)]) for s in starts) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -129,6 +129,12 @@ def summarise(results_file: Path) -> list[str]:
                      f"mat {res[f'mat_p@1.L{l},none']:.3f}" for l in (starts[0], starts[len(starts) // 2])]
             rows.append(f"  {task:28s} P@1 " + "; ".join(cells))
             continue
+        if "xent.none,none" in res:  # a layer-intervention task: P@1 vs the model, widest and narrowest span
+            spans = sorted({int(m[2]) for m in (re.fullmatch(r"p@1\.(\w+)\.S(\d+),none", k) for k in res) if m})
+            kinds = sorted({m[1] for m in (re.fullmatch(r"p@1\.(\w+)\.S(\d+),none", k) for k in res) if m})
+            cells = [f"S{s}: " + " ".join(f"{k} {res[f'p@1.{k}.S{s},none']:.3f}" for k in kinds) for s in (spans[0], spans[-1])]
+            rows.append(f"  {task:28s} P@1 vs the model; " + "; ".join(cells))
+            continue
         if "saved@95,none" in res:  # an early-exit task
             diff = (f"  vs its base {res['saved_diff@95,none']:+.4f} [{res['saved_diff@95_lo,none']:+.4f}, "
                     f"{res['saved_diff@95_hi,none']:+.4f}]" if "saved_diff@95,none" in res else "")

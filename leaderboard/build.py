@@ -59,14 +59,16 @@ def fmt(v, digits: int = 3) -> str:
     return f"{v:,.{digits}f}".replace("-", "−")
 
 
-def fmt_p(p: float) -> str:
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "–"
     if p < 1e-4:
         return "< 0.0001"
     return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
 
 
-def signed(v: float, digits: int = 3) -> str:
-    return ("+" if v > 0 else "") + fmt(v, digits)
+def signed(v: float | None, digits: int = 3) -> str:
+    return fmt(v, digits) if v is None else ("+" if v > 0 else "") + fmt(v, digits)
 
 
 def short_hash(h, n: int = 12) -> str:
@@ -179,6 +181,31 @@ def submodule_view(studies: list[read.SubmoduleRun], model_name: str) -> list[di
     return views
 
 
+def layers_view(runs: list[read.LayersRun], model_name: str) -> list[dict]:
+    """Per distribution: a heatmap of the normalised score over intervention kind x start layer, a chart of the
+    score against the number of layers altered (one line per kind), and the table with the paired tests."""
+    views = []
+    for run in sorted(runs, key=lambda r: r.distribution):
+        rows = [[run.score(kind, s) for s in run.starts] for kind in run.kinds]
+        heat = svg.heatmap(rows, run.kinds, [str(s) for s in run.starts],
+                           title=f"Layer interventions, {model_name} on {run.distribution}: normalised score",
+                           x_label=f"start s of the span [s, {run.num_layers - 1}-s] (0-based blocks)")
+        series = []
+        for k, kind in enumerate(run.kinds):
+            xs, ys, tips = [], [], []
+            for s, n, y in zip(run.starts, run.layers_altered, rows[k]):
+                xs.append(n / run.num_layers)
+                ys.append(y)
+                tips.append(f"{kind}, blocks {s}-{run.num_layers - 1 - s} ({n} altered): score "
+                            + (f"{y:.3f}" if y is not None else "none (diverged)"))
+            series.append(svg.Series(label=kind, xs=xs, ys=ys, tips=tips, projector=kind, index=k))
+        chart = svg.line_chart(series, title=f"Layer interventions, {model_name} on {run.distribution}",
+                               y_label="normalised score", x_label="fraction of the blocks altered",
+                               y_range=(None, 1.0))
+        views.append({"distribution": run.distribution, "run": run, "heatmap": heat, "chart": chart})
+    return views
+
+
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
     L = tasks[0].num_layers
     out = []
@@ -282,7 +309,8 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                                 if all(t.without_position_0 and k in t.without_position_0["layers"] for t in tasks)],
             })
         model_pages.append((m, sections, exit_view([e for e in loaded.exits if e.model_key == m.key], m.name),
-                            submodule_view([s for s in loaded.submodules if s.model_key == m.key], m.name)))
+                            submodule_view([s for s in loaded.submodules if s.model_key == m.key], m.name),
+                            layers_view([s for s in loaded.layers if s.model_key == m.key], m.name)))
 
     transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
                                  without_position_0=without_position_0)
@@ -296,7 +324,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                                                                 fit_labels=True)})
 
     shown = {m.key for m in all_models}
-    for e in loaded.exits + loaded.submodules:
+    for e in loaded.exits + loaded.submodules + loaded.layers:
         if e.model_key not in shown:
             warnings.append(Problem(str(e.results_file), f"task {e.task}: a model with no lens task in the "
                                                          "results; it has no model page to be shown on"))
@@ -314,9 +342,9 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
 
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
           superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
-    for m, sections, exits, studies in model_pages:
+    for m, sections, exits, studies, layer_views in model_pages:
         write(m.page, "model.html.j2", model=m, sections=sections, exits=exits, exit_retentions=EXIT_RETENTIONS,
-              paper_exit=early_exit.PAPER_SAVED_AT_95, studies=studies)
+              paper_exit=early_exit.PAPER_SAVED_AT_95, studies=studies, layer_views=layer_views)
     write("transfer.html", "transfer.html.j2", transfers=transfer_views)
     runs = sorted(loaded.runs, key=lambda r: (-r.date, str(r.results_file)))
     write("runs.html", "runs.html.j2", runs=runs)

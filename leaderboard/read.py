@@ -159,6 +159,35 @@ class SubmoduleRun:
 
 
 @dataclass
+class LayersRun:
+    """One layer-intervention task of one results file: per intervention kind and start s of the middle span
+    [s, L-1-s], P@1 / KL against the unmodified model and cross-entropy, the normalised score and the paired tests
+    (from the task's headline metrics and its provenance)."""
+
+    task: str
+    distribution: str
+    model_key: str
+    num_layers: int
+    items: int
+    kinds: list[str]
+    starts: list[int]
+    values: dict[str, dict[str, list[float]]]  # kind -> metric (p@1, kl, xent) -> per start
+    xent_unmodified: float
+    summary: dict  # provenance.layers.summary: scores, tests against the unmodified model, the claims' tests
+    provenance: dict
+    results_file: Path
+    date: float
+
+    @property
+    def layers_altered(self) -> list[int]:
+        return [self.num_layers - 2 * s for s in self.starts]
+
+    def score(self, kind: str, start: int) -> float | None:
+        """0: a uniform prediction's cross-entropy (log V), 1: the unmodified model's; None where it diverged."""
+        return self.summary["by_kind"][kind][str(start)].get("score")
+
+
+@dataclass
 class Run:
     """One results file."""
 
@@ -171,6 +200,7 @@ class Run:
     tasks: list[TaskRun] = field(default_factory=list)
     exits: list[ExitRun] = field(default_factory=list)
     submodules: list[SubmoduleRun] = field(default_factory=list)
+    layers: list[LayersRun] = field(default_factory=list)
 
 
 @dataclass
@@ -181,6 +211,7 @@ class Loaded:
     warnings: list[Problem]
     exits: list[ExitRun] = field(default_factory=list)  # the newest of every (model, projector, distribution)
     submodules: list[SubmoduleRun] = field(default_factory=list)  # the newest of every (model, part, distribution)
+    layers: list[LayersRun] = field(default_factory=list)  # the newest of every (model, distribution)
 
 
 def _slug(text: str) -> str:
@@ -396,6 +427,37 @@ def _submodule_task(task: str, res: dict, config: dict, path: Path, run: Run) ->
                         date=run.date or (_parse_date(prov.get("date")) or 0.0))
 
 
+LAYER_METRICS = ("p@1", "kl", "xent")  # harness/layer_study.py (which imports torch; the site does not)
+
+
+def _layers_task(task: str, res: dict, config: dict, path: Path, run: Run) -> LayersRun:
+    meta = config["metadata"]
+    prov = meta.get("provenance")
+    if not isinstance(prov, dict) or not isinstance(prov.get("layers"), dict) or not isinstance(prov.get("model"), dict):
+        raise ValueError("configs.<task>.metadata.provenance.layers is missing (an incomplete layer-intervention run)")
+    info = prov["layers"]
+    kinds, starts, summary = info.get("kinds"), info.get("starts"), info.get("summary")
+    if not (isinstance(kinds, list) and kinds and isinstance(starts, list) and starts and isinstance(summary, dict)):
+        raise ValueError("provenance.layers needs kinds, starts and summary")
+    values: dict[str, dict[str, list[float]]] = {}
+    for kind in kinds:
+        values[kind] = {}
+        for m in LAYER_METRICS:
+            keys = [f"{m}.{kind}.S{s},none" for s in starts]
+            absent = [k for k in keys if k not in res]
+            if absent:
+                raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
+            # NaN is a result here: the intervened model diverged (counted in provenance.layers.nonfinite_positions)
+            values[kind][m] = [_number_or_nan(res[k], k) for k in keys]
+    if "xent.none,none" not in res:
+        raise ValueError("partial results: xent.none (the unmodified model's cross-entropy) is missing")
+    return LayersRun(task=task, distribution=str(prov.get("distribution")), model_key=_model_key(prov["model"]),
+                     num_layers=int(prov["model"].get("num_layers") or 0), items=int(prov.get("items") or 0),
+                     kinds=[str(k) for k in kinds], starts=[int(s) for s in starts], values=values,
+                     xent_unmodified=_number_or_nan(res["xent.none,none"], "xent.none"), summary=summary,
+                     provenance=prov, results_file=path, date=run.date or (_parse_date(prov.get("date")) or 0.0))
+
+
 def _number_or_nan(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{what} is {value!r}, not a number")
@@ -436,6 +498,9 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
             if _analysis(config) == "submodule":
                 run.submodules.append(_submodule_task(task, res, config, path, run))
                 continue
+            if _analysis(config) == "layers":
+                run.layers.append(_layers_task(task, res, config, path, run))
+                continue
             run.tasks.append(_task(task, res, config, data, path, run))
         except (ValueError, TypeError, AttributeError) as exc:
             warnings.append(Problem(name, f"task {task}: {exc}; task skipped"))
@@ -448,7 +513,7 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
         if t.samples_file is None:
             warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
                                            "--log_samples); its paired tests are not computed"))
-    if not run.tasks and not run.exits and not run.submodules and not warnings:
+    if not run.tasks and not run.exits and not run.submodules and not run.layers and not warnings:
         warnings.append(Problem(name, "holds no jtc tasks"))
     return run, warnings
 
@@ -482,8 +547,9 @@ def load(paths: list[str | Path]) -> Loaded:
                 superseded.append(t)
     exits = _newest((e for run in runs for e in run.exits), lambda e: (e.model_key, e.projector, e.distribution))
     studies = _newest((s for run in runs for s in run.submodules), lambda s: (s.model_key, s.part, s.distribution))
+    layers = _newest((s for run in runs for s in run.layers), lambda s: (s.model_key, s.distribution))
     return Loaded(runs=runs, tasks=list(newest.values()), superseded=superseded, warnings=warnings,
-                  exits=list(exits.values()), submodules=list(studies.values()))
+                  exits=list(exits.values()), submodules=list(studies.values()), layers=list(layers.values()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,13 @@ PALETTE = {
     "mat": ("#d55e00", ""),
     "affine": ("#009e73", "5 4"),
     "tuned": ("#0072b2", "2 3"),
+    # layer interventions
+    "skip": ("#000000", ""),
+    "middle_repeat": ("#d55e00", "5 4"),
+    "reverse": ("#cc79a7", "8 3 2 3"),
+    "random": ("#e69f00", "4 2"),
+    "parallel": ("#009e73", ""),
+    "looped_parallel": ("#0072b2", "2 3"),
 }
 # mat and affine often coincide: the dashed affine line is drawn thinner, over a wider mat line
 WIDTH = {"mat": 3.2, "affine": 1.8}

@@ -20,6 +20,7 @@ from .. import early_exit
 from ..corpora import get_corpus
 from ..engine import ANALYSES, EXIT_PROJECTORS, METRICS
 from ..submodule_study import STUDY_METRICS
+from ..layer_study import LAYER_METRICS, REFERENCE
 from ..metrics import HIGHER_IS_BETTER
 from ..options import FITTED, PROJECTORS, OptionError, parse_options
 from ..submodules import PARTS
@@ -63,6 +64,9 @@ class JTCTask(ConfigurableTask):
         if meta["analysis"] == "submodule" and (meta["projector"] != "mat" or meta.get("part") not in PARTS):
             raise ValueError(f"task {config.get('task')}: a sub-module task names a part ({', '.join(PARTS)}) and the mat "
                              "projector (its baseline and fit)")
+        if meta["analysis"] == "layers" and meta["projector"] != "id":
+            raise ValueError(f"task {config.get('task')}: a layer-intervention task scores the model's own output "
+                             "(projector: id)")
         if meta["analysis"] == "exit" and meta["projector"] not in EXIT_PROJECTORS:
             raise ValueError(f"task {config.get('task')}: early exit is measured with {', '.join(EXIT_PROJECTORS)}, "
                              f"not {meta['projector']!r}")
@@ -128,6 +132,8 @@ class JTCTask(ConfigurableTask):
         }
         if meta["analysis"] == "submodule":
             spec.update(analysis="submodule", part=meta["part"], every=meta["submodule_every"])
+        if meta["analysis"] == "layers":
+            spec.update(analysis="layers", every=meta["layers_every"])
         if meta["analysis"] == "exit":
             spec["analysis"] = "exit"
             base = early_exit.PAIRED_BASE.get(meta["projector"])
@@ -173,6 +179,12 @@ class JTCTask(ConfigurableTask):
             metrics = {k: v for k, v in values.items() if k.split(".")[0].split("_")[-1] in STUDY_METRICS}
             for key in metrics:
                 self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0].split("_")[-1]])
+            return metrics
+        if self._meta["analysis"] == "layers":
+            # xent.none (the unmodified model), and p@1.skip.S3, kl.skip.S3, xent.skip.S3 ... (kind, start of the span)
+            metrics = {k: v for k, v in values.items() if k == REFERENCE or k.split(".")[0] in LAYER_METRICS}
+            for key in metrics:
+                self._jtc_higher_is_better.setdefault(key, HIGHER_IS_BETTER[key.split(".")[0]])
             return metrics
         metrics = {k: v for k, v in values.items() if k.split(".")[0] in METRICS}
         for key in metrics:
