@@ -43,10 +43,15 @@ def display_name(task: TaskRun) -> str:
     """A short model name: the bundled model's name, else the recorded name (last folder of a local path)."""
     record = task.provenance.get("model_record")
     if isinstance(record, dict) and record.get("name"):
-        return str(record["name"])
-    name = task.model_name
-    if name.startswith("/"):
-        return PurePosixPath(name.rstrip("/")).name or name  # a local folder: its own name says more than the path
+        name = str(record["name"])
+    else:
+        name = task.model_name
+        if name.startswith("/"):
+            name = PurePosixPath(name.rstrip("/")).name or name  # a local folder: its own name says more than the path
+    layers = (task.provenance.get("model") or {}).get("layers")
+    if isinstance(layers, dict) and layers.get("spec"):
+        # the same weights run with blocks skipped or reordered: another model, named so
+        name += f" [jtc_layers={layers['spec']}]"
     return name
 
 

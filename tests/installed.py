@@ -36,7 +36,7 @@ def lm_eval_module_args(env: dict) -> tuple[list[str], dict] | None:
     return None  # the checkout's folders are importable only as installed (jtc_lens.harness, ...)
 
 
-def run_lm_eval_on_tiny_model(tmp_path: Path, tasks: str, metadata: dict, layers: int = 4):
+def run_lm_eval_on_tiny_model(tmp_path: Path, tasks: str, metadata: dict, layers: int = 4, model_args: str = ""):
     """The stock lm_eval on a tiny random Llama saved under ``tmp_path``, offline, with its own projector cache:
     (the finished process, its results file as a dict, that file's path, the output folder). Skips the test when
     jtc-lens is not installed as a wheel; fails it when lm_eval fails."""
@@ -60,7 +60,7 @@ def run_lm_eval_on_tiny_model(tmp_path: Path, tasks: str, metadata: dict, layers
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
-    proc = subprocess.run(cmd + ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", tasks,
+    proc = subprocess.run(cmd + ["--model", "hf", "--model_args", f"pretrained={model_dir}{model_args}", "--tasks", tasks,
                                  "--output_path", str(out), "--log_samples", "--metadata", json.dumps(metadata)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

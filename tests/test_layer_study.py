@@ -164,3 +164,23 @@ def test_lm_eval_runs_the_layer_tasks_and_the_site_shows_them(tmp_path):
     page = next(p for p in site.pages if p.name.startswith("model-")).read_text()
     assert "Layer interventions" in page and page.count('class="layers-table"') == 1
     assert "looped_parallel" in page and "random − reverse" in page
+
+
+def test_lens_tasks_of_an_intervened_model_are_another_model_with_its_own_fits(tmp_path):
+    from installed import run_lm_eval_on_tiny_model
+
+    metadata = {"corpus": fixture_distribution(), "n_eval": 8, "n_fit": 200}
+    _, results, _, out = run_lm_eval_on_tiny_model(tmp_path, "custom_jtc_mat", metadata, layers=6,
+                                                   model_args=",jtc_layers=skip:2:3")
+    prov = results["configs"]["custom_jtc_mat"]["metadata"]["provenance"]
+    assert prov["model"]["layers"]["spec"] == "skip:2:3" and prov["model"]["layers"]["order"] == []
+    # with blocks 2 and 3 skipped, the states at 2 and 3 are those at 1 (hooks see the span's input)
+    res = results["results"]["custom_jtc_mat"]
+    assert res["p@1.L2,none"] == pytest.approx(res["p@1.L1,none"]) == pytest.approx(res["p@1.L3,none"])
+    from jtc_lens.leaderboard.build import build_site
+
+    site = build_site([out], tmp_path / "site")
+    page = next(p for p in site.pages if p.name.startswith("model-")).read_text()
+    assert "[jtc_layers=skip:2:3]" in page
+    runs = next(p for p in site.pages if p.name == "runs.html").read_text()
+    assert "<b>jtc_layers=skip:2:3</b>" in runs
