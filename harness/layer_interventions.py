@@ -38,12 +38,11 @@ import torch
 from torch import nn
 
 from .layer_spec import LayerSpec, check_range, parse_layer_spec
-from .models import AdapterError, block_list
+from .models import ACTIVE_INTERVENTIONS as _ACTIVE  # refuses a second intervention; the fingerprint reads it
+from .models import AdapterError, block_list, intervention_record
 
 log = logging.getLogger(__name__)
 _MISSING = object()
-# block -> the intervention active on its block list: refuses a second one and lets the fingerprint see it
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Intervention]" = weakref.WeakKeyDictionary()
 
 
 class LayerInterventionError(RuntimeError):
@@ -332,8 +331,4 @@ def active_record(blocks) -> dict | None:
             blocks = block_list(blocks)
         except AdapterError:
             return None
-    for block in blocks:
-        found = _ACTIVE.get(block)
-        if found is not None:
-            return dict(found.record)
-    return None
+    return intervention_record(blocks)
