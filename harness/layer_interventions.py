@@ -22,24 +22,27 @@ KV cache (attention layers write it at their ``layer_idx``; a DynamicCache exist
 - looped_parallel with K>1: loops after the first run without the cache (there is one cache layer per block);
   only a forward pass without past tokens is allowed.
 A disallowed combination raises ``LayerInterventionError``: a forward pass whose cache holds past tokens, or
-``generate`` with the cache on (the model's ``generate`` is wrapped while the intervention is active).
+``generate`` with the cache on (the model's ``generate`` is wrapped while the intervention is active). With
+``uncached_generate`` (lm-eval's hf model, which always asks for the cache), ``generate`` runs without the
+cache instead: every step recomputes the whole sequence, which is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 
 import torch
 from torch import nn
 
 from .layer_spec import LayerSpec, check_range, parse_layer_spec
-from .models import AdapterError, block_list
+from .models import ACTIVE_INTERVENTIONS as _ACTIVE  # refuses a second intervention; the fingerprint reads it
+from .models import AdapterError, block_list, intervention_record
 
+log = logging.getLogger(__name__)
 _MISSING = object()
-# block -> the intervention active on its block list: refuses a second one and lets the fingerprint see it
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Intervention]" = weakref.WeakKeyDictionary()
 
 
 class LayerInterventionError(RuntimeError):
@@ -151,12 +154,18 @@ def _cache_refusal(spec: LayerSpec, program: list, types: list[str]) -> str | No
 class Intervention:
     """One intervention installed on a model's blocks until ``remove()``; ``record`` says what runs."""
 
-    def __init__(self, model: nn.Module, spec, seed: int | None = None, blocks=None):
+    def __init__(self, model: nn.Module, spec, seed: int | None = None, blocks=None, uncached_generate: bool = False):
         from .options import default
 
         self.model = model
+        self.uncached_generate = uncached_generate
+        self._warned = False
         self.blocks = list(block_list(model) if blocks is None else blocks)
         self.spec = check_range(parse_layer_spec(spec), len(self.blocks))
+        if len({id(b) for b in self.blocks}) != len(self.blocks):
+            # one module in several slots (shared weights): a slot's forward cannot be told from another's
+            raise LayerInterventionError(f"{type(model).__name__}: its block list holds the same module in several slots; "
+                                         "layer interventions need one module per block")
         seed = default("seed") if seed is None else int(seed)
         self.program = self.spec.program(seed)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -179,6 +188,8 @@ class Intervention:
             "num_layers": len(self.blocks), "span_input_slots": list(range(self.spec.first, self.spec.last)),
             "cache_with_past": "exact" if self.refusal is None else f"refused: {self.refusal}",
         }
+        if self.refusal is not None and uncached_generate:
+            self.record["generate"] = "without the KV cache"
         self._calls: dict | None = None
         self._seen = weakref.WeakSet()  # caches a forward pass already wrote: they hold past tokens
         self._saved: dict[int, object] = {}
@@ -238,7 +249,12 @@ class Intervention:
             if use_cache is None:
                 config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
                 use_cache = getattr(config, "use_cache", True)
-            if use_cache is not False:
+            if use_cache is not False and self.uncached_generate:
+                if not self._warned:
+                    log.warning("jtc_layers=%s: generating without the KV cache (%s)", self.spec.text, self.refusal)
+                    self._warned = True
+                kwargs["use_cache"] = False
+            elif use_cache is not False:
                 raise LayerInterventionError(f"jtc_layers={self.spec.text} cannot generate with a KV cache: {self.refusal}; "
                                              "pass use_cache=False to generate")
             return generate(*args, **kwargs)
@@ -290,10 +306,11 @@ class Intervention:
         return out
 
 
-def apply_layers(model: nn.Module, spec, seed: int | None = None, blocks=None) -> Intervention:
+def apply_layers(model: nn.Module, spec, seed: int | None = None, blocks=None, uncached_generate: bool = False) -> Intervention:
     """Install ``spec`` on ``model`` until the returned intervention's ``remove()``. ``blocks``: the block list
-    (found by inspection when omitted); ``seed``: the random order's (the jtc option's default when omitted)."""
-    return Intervention(model, spec, seed, blocks).install()
+    (found by inspection when omitted); ``seed``: the random order's (the jtc option's default when omitted);
+    ``uncached_generate``: where a KV cache would be wrong, ``generate`` runs without it instead of refusing."""
+    return Intervention(model, spec, seed, blocks, uncached_generate).install()
 
 
 @contextlib.contextmanager
@@ -314,8 +331,4 @@ def active_record(blocks) -> dict | None:
             blocks = block_list(blocks)
         except AdapterError:
             return None
-    for block in blocks:
-        found = _ACTIVE.get(block)
-        if found is not None:
-            return dict(found.record)
-    return None
+    return intervention_record(blocks)

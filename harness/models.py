@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,20 @@ from .layer_spec import config_num_layers
 from .store import sha256_bytes
 
 log = logging.getLogger(__name__)
+
+
+# block -> the layer intervention its block list runs under (harness/layer_interventions.py installs them here,
+# so that the fingerprint sees them without importing that module)
+ACTIVE_INTERVENTIONS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def intervention_record(blocks) -> dict | None:
+    """The record of the layer intervention active on these blocks, or None."""
+    for block in blocks:
+        found = ACTIVE_INTERVENTIONS.get(block)
+        if found is not None:
+            return dict(found.record)
+    return None
 
 
 class AdapterError(RuntimeError):
@@ -139,9 +154,7 @@ class LensModel:
             "weights_sha256": weights_hash,
             "id": sha256_bytes(f"{config_hash}:{weights_hash or unembed_hash}".encode())[:16],
         }
-        from .layer_interventions import active_record  # here: that module builds on this one
-
-        layers = active_record(self.blocks)
+        layers = intervention_record(self.blocks)
         if layers:
             # the same weights run another way are another model: its own cache entries and identity
             out["layers"] = layers

@@ -411,6 +411,23 @@ def test_hf_model_runs_every_request_intervened(hflm):
     assert torch.allclose(plain._model_call(ids), model(ids).logits, atol=ATOL)
 
 
+@torch.no_grad()
+def test_hf_model_generates_without_the_cache_where_the_cache_would_be_wrong(hflm):
+    hf, folder = hflm
+    from jtc_lens.harness.lmeval import layers
+
+    text = "looped_parallel:1:3:2"
+    lm = hf.HFLM(pretrained=str(folder), jtc_layers=text, device="cpu", dtype="float32")
+    assert layers.record(lm)["generate"] == "without the KV cache"
+    context = torch.tensor([lm.tok_encode("The quick brown fox")])
+    got = lm._model_generate(context, max_length=context.shape[1] + 5, stop=[])[0]  # lm-eval asks for the cache
+    expected = context[0].tolist()
+    for _ in range(5):  # greedy decoding over the hand-built parallel span, the whole sequence every step
+        logits = parallel_reference(model_of("llama"), torch.tensor([expected]), 1, 3, 2)
+        expected.append(int(logits[0, -1].argmax()))
+    assert len(got) > context.shape[1] and got.tolist() == expected[:len(got)]
+
+
 def test_fingerprint_and_cache_key_carry_the_intervention():
     from jtc_lens.harness.fitting import model_key
     from jtc_lens.harness.models import build_lens_model

@@ -46,7 +46,8 @@ def install(lm, kwargs: dict) -> None:
         return
     from ..layer_interventions import apply_layers
 
-    handle = apply_layers(lm.model, spec, seed)
+    # lm-eval's generate_until always asks for the KV cache: where it would be wrong, generate without it
+    handle = apply_layers(lm.model, spec, seed, uncached_generate=True)
     lm._jtc_layers_handle = handle
     lm._jtc_layers = dict(handle.record)
 
