@@ -119,6 +119,10 @@ def _sweep(args) -> int:
     except OptionError as exc:
         print(f"jtc sweep: {exc}", file=sys.stderr)
         return 2
+    model_args = args.model_args or ""
+    if metadata.get("jtc_layers") is not None:
+        # an argument of the model (it changes how the model runs), which then reaches every task's options too
+        model_args = ",".join(a for a in (model_args, f"jtc_layers={metadata.pop('jtc_layers')}") if a)
     return run_sweep(
         models=[m for m in args.models.split(",") if m],
         tasks=args.tasks,
@@ -126,7 +130,7 @@ def _sweep(args) -> int:
         metadata=metadata,
         extra=args.lm_eval_args,
         site=None if args.no_leaderboard else Path(args.site or Path(args.output_path) / "leaderboard"),
-        model_args=args.model_args or "",
+        model_args=model_args,
         processes=args.processes,
     )
 

@@ -92,9 +92,11 @@ def compare_table(results_file: Path, a: str = "tuned", b: str = "affine", metri
     out = [_model_line(prov, results_file) + f": {a} − {b}, {metric} per layer ({prov.get('items', '?')} items per "
            f"distribution, {prov.get('split', '?')} split)\n", "| layer | " + " | ".join(dists) + " |", "|---:|" + "---:|" * len(dists)]
     diffs = {d: [found[d][a][0][f"{metric}.L{l},none"] - found[d][b][0][f"{metric}.L{l},none"] for l in range(L)] for d in dists}
+    # compared at the printed precision: a lens that kept another's map differs from it by float rounding only
+    shown = lambda x: "0.0000" if round(x, 4) == 0 else f"{x:+.4f}"  # noqa: E731
     for l in range(L):
-        out.append(f"| {l} | " + " | ".join(f"{diffs[d][l]:+.4f}" for d in dists) + " |")
-    ok = (lambda x: x >= 0) if higher else (lambda x: x <= 0)
+        out.append(f"| {l} | " + " | ".join(shown(diffs[d][l]) for d in dists) + " |")
+    ok = (lambda x: round(x, 4) >= 0) if higher else (lambda x: round(x, 4) <= 0)
     word = "at or above" if higher else "at or below"
     out.append(f"| layers with {a} {word} {b} | " + " | ".join(f"{sum(ok(x) for x in diffs[d])}/{L}" for d in dists) + " |")
     out.append(f"| mean {b} | " + " | ".join(f"{found[d][b][0][f'{metric},none']:.4f}" for d in dists) + " |")

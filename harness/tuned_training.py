@@ -21,9 +21,12 @@ items, scored positions and all, so that "no worse than affine" is measured on d
 evaluation); their documents are left out of the training stream. Otherwise the first ``heldout_chunks``
 chunks of the stream, never trained on. The recipe's loss on ``heldout_positions`` of the held-out positions
 is measured per layer before the first step and every ``heldout_every`` steps (and after the last). With
-``keep_best`` (the default of ``warm``) each layer's returned translator is the one with the lowest held-out
-loss seen, the start included, so the lens never ends worse than it started on that slice. The published recipe returns its last state, as published; its
-held-out curve and the states keep-best would have chosen are recorded beside it.
+``keep_best`` (the default of ``warm``) each layer's returned translator is the best state seen, the start
+included, so the lens never ends worse than it started on that slice. A state replaces the best only when its
+held-out loss is lower by more than ``accept_z`` (2) standard errors of the per-position difference: a gain
+within the noise of the slice is not taken, so that what is kept is better on new items too. The published
+recipe returns its last state, as published; its held-out curve and the states keep-best (without that margin)
+would have chosen are recorded beside it.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class TunedRecipe:
     heldout_positions: int = 256  # positions scored per measurement, spread evenly over the held-out data (at most all)
     heldout_every: int = 1  # steps between held-out measurements (the last step is always measured)
     keep_best: bool | None = None  # None: True for warm, False for the published recipe
+    accept_z: float = 2.0  # keep-best: a state is kept only if its held-out gain exceeds this many standard errors
     damping: float = 1e-3  # warm: ridge on the Jacobi-scaled covariance in the preconditioner
 
     def __post_init__(self):
@@ -276,12 +280,12 @@ class HeldOut:
         return [(f // span, f % span) for f in flat]
 
 
-def _heldout_loss_sums(lens: LensModel, heldout: HeldOut, W: torch.Tensor, b: torch.Tensor, kind: str,
-                       rows: int = 128) -> torch.Tensor:
-    """Per-layer sums of the loss over this process's held-out positions, ``rows`` positions at a time."""
+def _heldout_loss_positions(lens: LensModel, heldout: HeldOut, W: torch.Tensor, b: torch.Tensor, kind: str,
+                            rows: int = 128) -> torch.Tensor:
+    """The loss at each of this process's held-out positions, per layer (L, P_mine), ``rows`` positions at a time."""
     L = lens.num_layers
-    sums = torch.zeros(L, dtype=torch.float64)
     P = heldout.states.shape[1]
+    out = torch.zeros(L, P, dtype=torch.float64)
     with torch.no_grad():
         for p0 in range(0, P, rows):
             h = heldout.states[:, p0:p0 + rows]
@@ -290,10 +294,10 @@ def _heldout_loss_sums(lens: LensModel, heldout: HeldOut, W: torch.Tensor, b: to
             for l in range(L):
                 lp = torch.log_softmax(lens.readout(h[l] + h[l] @ W[l].T + b[l]).float(), dim=-1)
                 if kind == "kl":
-                    sums[l] += float((final_lp.exp() * (final_lp - lp)).sum())
+                    out[l, p0:p0 + rows] = (final_lp.exp() * (final_lp - lp)).sum(-1).double().cpu()
                 else:
-                    sums[l] += float(-lp.gather(1, nxt[:, None]).sum())
-    return sums
+                    out[l, p0:p0 + rows] = (-lp.gather(1, nxt[:, None])[:, 0]).double().cpu()
+    return out
 
 
 @dataclass
@@ -315,9 +319,12 @@ class KeepBest:
         return cls(list(losses), list(losses), [0] * len(losses), list(losses), [[0, sum(losses) / len(losses)]],
                    [1.0] * len(losses), W.detach().clone() if keep else None, b.detach().clone() if keep else None)
 
-    def update(self, step: int, losses: list[float], W: torch.Tensor, b: torch.Tensor) -> None:
+    def update(self, step: int, losses: list[float], W: torch.Tensor, b: torch.Tensor,
+               better: list[bool] | None = None) -> None:
+        """``better``: per layer, whether the state is clearly better than the best so far (``TunedTrainer._clearly_better``);
+        by default, strictly lower (a NaN never is)."""
         for l, v in enumerate(losses):
-            if v < self.best[l]:  # strictly lower; a NaN never is
+            if (better[l] if better is not None else v < self.best[l]):
                 self.best[l], self.best_step[l] = v, step
                 if self.W is not None:
                     self.W[l].copy_(W[l].detach())
@@ -445,16 +452,30 @@ class TunedTrainer:
             return HeldOut(torch.zeros(L + 1, 0, d, device=lens.device), torch.zeros(0, dtype=torch.long), count)
         return HeldOut(torch.cat(states, 1).contiguous(), torch.cat(targets), count)
 
-    def _heldout_losses(self, heldout: HeldOut, W, b, step: int) -> list[float]:
-        """Mean held-out loss per layer over all processes' positions (of the lens after ``step`` steps)."""
-        sums = _heldout_loss_sums(self.lens, heldout, W, b, self.recipe.loss)
+    def _heldout_losses(self, heldout: HeldOut, W, b, step: int) -> tuple[list[float], torch.Tensor]:
+        """Mean held-out loss per layer over all processes' positions (of the lens after ``step`` steps), and the
+        loss at each of this process's positions (L, P_mine)."""
+        positions = _heldout_loss_positions(self.lens, heldout, W, b, self.recipe.loss)
+        sums = positions.sum(1)
         self.group.sum_([sums])
         losses = (sums / heldout.total).tolist()
         bad = [l for l, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             raise TrainingError(f"non-finite held-out {self.recipe.loss} loss ({losses[bad[0]]}) at layer {bad[0]} "
                                 f"after {step} steps; the lens is not saved")
-        return losses
+        return losses, positions
+
+    def _clearly_better(self, positions: torch.Tensor, best: torch.Tensor, total: int) -> list[bool]:
+        """Per layer: is the held-out loss lower than the best state's by more than ``accept_z`` standard errors of
+        the paired difference over positions? A step whose gain is within the noise of the held-out slice is not
+        kept, so that what is kept is better on new items too, not only on these."""
+        d = positions - best
+        moments = torch.stack([d.sum(1), (d * d).sum(1)])
+        self.group.sum_([moments])
+        mean = moments[0] / total
+        var = (moments[1] - total * mean * mean).clamp_min(0) / max(1, total - 1)
+        se = (var / total).sqrt()
+        return (mean < -self.recipe.accept_z * se).tolist()
 
     def _save_checkpoint(self, W, b, opt, sched, step, tokens, losses, tracker: KeepBest) -> None:
         """One file, written atomically: the tensors and, in its metadata, the state they belong to.
@@ -533,13 +554,16 @@ class TunedTrainer:
         total_steps = max(1, (r.token_budget - warm_tokens) // r.tokens_per_step)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
         heldout_seconds = time.perf_counter()
-        tracker = KeepBest.at_start(self._heldout_losses(heldout, W, b, 0), W, b, keep=r.keep_best)
+        start_losses, best_positions = self._heldout_losses(heldout, W, b, 0)
+        tracker = KeepBest.at_start(start_losses, W, b, keep=r.keep_best)
         heldout_seconds = time.perf_counter() - heldout_seconds
         backtrack = precond is not None and r.keep_best  # the warm recipe's step rule (module docstring)
         step, tokens, losses = 0, warm_tokens, []
         resumed = self._resume(W, b, opt, sched, tracker, chunks, per_step)
         if resumed is not None:
             step, tokens, losses, tracker = resumed
+            if tracker.W is not None:  # the kept states' held-out losses, position by position, measured again
+                best_positions = self._heldout_losses(heldout, tracker.W, tracker.b, step)[1]
         stopped_early = False
         bar = tqdm(total=r.token_budget, initial=tokens, desc=f"tuned lens ({r.name}) on {self.fit_on}", unit="tok",
                    unit_scale=True, disable=not progress)
@@ -569,7 +593,7 @@ class TunedTrainer:
                 if r.stop_at is not None and mean_loss <= r.stop_at:
                     stopped_early = True
                 if step % r.heldout_every == 0 or step >= total_steps or stopped_early:
-                    tracker.update(step, self._heldout_losses(heldout, W, b, step), W, b)
+                    best_positions = self._measure(tracker, heldout, W, b, step, best_positions)
                     if backtrack:
                         tracker.backtrack_(step, W, b, opt)
                 bar.update(step_tokens)
@@ -580,7 +604,7 @@ class TunedTrainer:
         finally:
             bar.close()
         if tracker.curve[-1][0] != step:  # the split ran out between two measurements: measure the last state
-            tracker.update(step, self._heldout_losses(heldout, W, b, step), W, b)
+            best_positions = self._measure(tracker, heldout, W, b, step, best_positions)
         if r.keep_best:
             weight, bias, end = tracker.W, tracker.b, tracker.best
         else:
@@ -600,6 +624,8 @@ class TunedTrainer:
             "heldout_start": _rounded(tracker.start),
             "heldout_end": _rounded(end),
             "steps_kept": tracker.best_step if r.keep_best else [step] * L,
+            "kept_if": (f"its held-out loss is below the best so far by more than {r.accept_z} standard errors of the "
+                        "paired difference over held-out positions" if r.keep_best else "the last state (as published)"),
             "heldout_curve": [[s, round(v, 6)] for s, v in tracker.curve],
             "step_scale": tracker.scale if backtrack else None,
             "train_seconds": round(time.perf_counter() - start, 2),
@@ -607,6 +633,16 @@ class TunedTrainer:
         if not r.keep_best:  # what keep-best would have returned, for comparison
             info["heldout_best"], info["steps_best"] = _rounded(tracker.best), tracker.best_step
         return TunedProjector(weight.cpu().clone(), bias.cpu().clone()), info
+
+    def _measure(self, tracker: KeepBest, heldout: HeldOut, W, b, step: int, best_positions: torch.Tensor) -> torch.Tensor:
+        """Held-out losses after ``step`` steps into the tracker; the per-position losses of the best states."""
+        losses, positions = self._heldout_losses(heldout, W, b, step)
+        better = self._clearly_better(positions, best_positions, heldout.total) if self.recipe.keep_best else None
+        tracker.update(step, losses, W, b, better)
+        if better is None:
+            return best_positions
+        keep = torch.tensor(better)[:, None]
+        return torch.where(keep, positions, best_positions)
 
     def _heldout_record(self, heldout: HeldOut) -> dict:
         r = self.recipe

@@ -184,3 +184,18 @@ def test_lens_tasks_of_an_intervened_model_are_another_model_with_its_own_fits(t
     assert "[jtc_layers=skip:2:3]" in page
     runs = next(p for p in site.pages if p.name == "runs.html").read_text()
     assert "<b>jtc_layers=skip:2:3</b>" in runs
+
+
+def test_jtc_layers_in_the_task_options_but_not_on_the_model_is_refused():
+    from jtc_lens.harness.lmeval.handler import _check_layers
+
+    model, lens, dist, items = _setup()
+    _check_layers({None}, lens)  # nothing asked, nothing running
+    with pytest.raises(ValueError, match="jtc_layers=skip:2:3, but the model runs without a layer intervention"):
+        _check_layers({"skip:2:3"}, lens)
+    from jtc_lens.harness.layer_interventions import intervened
+
+    with intervened(model, "skip:2:3"):
+        _check_layers({"skip:2:3", None}, lens)
+        with pytest.raises(ValueError, match="runs under jtc_layers=skip:2:3"):
+            _check_layers({"reverse:1:2"}, lens)

@@ -169,3 +169,16 @@ def test_an_unusable_checkpoint_is_refused_and_training_restarts_cleanly(tmp_pat
     again, info = TunedTrainer(lens, recipe, "news", checkpoint=ckpt).train(progress=False)
     assert info["loss_curve"] == info_full["loss_curve"] and info["steps"] == 3
     torch.testing.assert_close(again.weight, full.weight, rtol=0, atol=0)
+
+
+def test_a_held_out_gain_within_the_noise_is_not_kept():
+    lens = _scaled_qwen2(1.0)
+    common = dict(token_budget=256 + 64 * 3, weight_decay=0.0, lr=1e-4, **SMALL)
+    start, _ = TunedTrainer(lens, TunedRecipe("warm", lr=0.0, **{k: v for k, v in common.items() if k != "lr"}),
+                            "news").train(progress=False)
+    # a step this small changes the held-out loss by far less than its standard error over positions
+    _, eager = TunedTrainer(lens, TunedRecipe("warm", accept_z=0.0, **common), "news").train(progress=False)
+    kept, gated = TunedTrainer(lens, TunedRecipe("warm", **common), "news").train(progress=False)
+    assert any(s > 0 for s in eager["steps_kept"])  # without the margin, some tiny gain is taken
+    assert gated["steps_kept"] == [0, 0, 0] and "2.0 standard errors" in gated["kept_if"]
+    torch.testing.assert_close(kept.weight, start.weight, rtol=0, atol=0)

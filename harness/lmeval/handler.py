@@ -88,11 +88,13 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
     parsed = []
     batch_size = None
     modes = set()
+    asked_layers: set = set()
     for req in requests:
         text, spec_json = req.args[0], req.args[1]
         spec = json.loads(spec_json)
         batch_size = batch_size or spec.get("batch_size")
         modes.add(spec.get("on_nonfinite", "error"))
+        asked_layers.add(spec.get("jtc_layers"))
         parsed.append(request_from_spec(text, spec))
     on_nonfinite = _one_mode(modes, group)
     lens = getattr(lm, "_jtc_lens", None)
@@ -103,6 +105,7 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
             raise TypeError(f"the jtc tasks need a Hugging Face model (lm-eval's hf); {type(lm).__name__} exposes no .model/.tokenizer")
         lens = build_lens_model(model, tokenizer)
         lm._jtc_lens = lens
+    _check_layers(asked_layers, lens)
     max_length = getattr(lm, "max_length", None)
     engine = Engine(lens, batch_size=int(batch_size or 16), max_length=max_length, group=group, on_nonfinite=on_nonfinite)
     responses = []
@@ -110,6 +113,22 @@ def jtc_lens(lm, requests) -> list[LensResponse]:
         values = dict(values)
         responses.append(LensResponse(r.item.item_id, values, values.pop("provenance", None)))
     return responses
+
+
+def _check_layers(asked: set, lens) -> None:
+    """A task whose options name ``jtc_layers`` scores the model under that intervention, and only then: given in
+    ``--metadata`` instead of ``--model_args``, it would reach the tasks while the model runs unmodified."""
+    from ..layer_interventions import active_record
+    from ..layer_spec import parse_layer_spec
+
+    active = active_record(lens.blocks)
+    running = active["spec"] if active else None
+    for spec in asked:
+        wanted = parse_layer_spec(spec).text if spec is not None else None
+        if wanted is not None and wanted != running:
+            raise ValueError(f"the jtc tasks' options name jtc_layers={wanted}, but the model runs "
+                             + (f"under jtc_layers={running}" if running else "without a layer intervention")
+                             + ": give jtc_layers in --model_args (the model's arguments), not in --metadata")
 
 
 def _one_mode(modes: set[str], group) -> str:

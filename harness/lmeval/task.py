@@ -129,6 +129,8 @@ class JTCTask(ConfigurableTask):
             "u": doc["u"],
             "batch_size": meta["jtc_batch_size"],
             "on_nonfinite": meta["on_nonfinite"],
+            # the layer intervention the options name: the model must run under it (checked before scoring)
+            "jtc_layers": None if meta.get("jtc_layers") is None else str(meta["jtc_layers"]),
         }
         if meta["analysis"] == "submodule":
             spec.update(analysis="submodule", part=meta["part"], every=meta["submodule_every"])
