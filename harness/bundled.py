@@ -70,6 +70,30 @@ MODELS = {
 }
 
 
+RANDOM = "random"  # "<bundled name>:random[:SEED]": its architecture and tokenizer, seeded random weights
+
+
+def random_control(name: str) -> tuple[str, int] | None:
+    """(bundled name, seed) of a random-weights control name (``smollm2-135m:random``, ``...:random:7``), else None."""
+    base, sep, rest = name.partition(":")
+    if not sep:
+        return None
+    kind, _, seed = rest.partition(":")
+    if kind != RANDOM or (seed and not seed.isdigit()):
+        raise ValueError(f"{name!r}: a random-weights control is named <bundled model>:random or <bundled model>:random:SEED "
+                         f"(SEED a whole number >= 0)")
+    get(base)
+    return base, int(seed or 0)
+
+
+def is_bundled(name: str) -> bool:
+    """A bundled model, or the random-weights control of one."""
+    try:
+        return name in MODELS or random_control(name) is not None
+    except ValueError:
+        return False
+
+
 def get(name: str) -> BundledModel:
     try:
         return MODELS[name]
@@ -111,8 +135,49 @@ def gguf_file(model: BundledModel) -> Path:
     return path
 
 
+def prepare_random(base: str, seed: int, force: bool = False) -> Path:
+    """A seeded random initialisation of the bundled model ``base``'s architecture, with its tokenizer, saved once:
+    the null baseline of every projector (how much of a projector's score the linear algebra alone gives)."""
+    folder = cache_root() / "models" / f"{base}-random-seed{seed}"
+    try:
+        record = json.loads((folder / MODEL_RECORD).read_text("utf-8"))
+        if record.get("random_init", {}).get("seed") == seed and record.get("converter") == CONVERTER and not force:
+            return folder
+    except (OSError, ValueError):
+        pass
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = prepare(base)
+    config = AutoConfig.from_pretrained(source)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # transformers' own initialisation
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    record = {
+        "name": f"{base}:{RANDOM}:{seed}",
+        "original": f"random initialisation of {get(base).hf_name}'s architecture",
+        "source": f"the config and tokenizer of the bundled {base}; no trained weight",
+        "weights": f"random: transformers' initialisation of the architecture after torch.manual_seed({seed})",
+        "random_init": {"architecture_of": base, "seed": seed, "init": "AutoModelForCausalLM.from_config"},
+        "converter": CONVERTER,
+        "converted": utc_now(),
+        "versions": versions(),
+    }
+    atomic_write_bytes(tmp / MODEL_RECORD, json.dumps(record, indent=2).encode())
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
 def prepare(name: str, force: bool = False) -> Path:
-    """Convert the bundled GGUF to a float32 safetensors folder in the cache (once) and return the folder."""
+    """Convert the bundled GGUF to a float32 safetensors folder in the cache (once) and return the folder; for
+    ``<name>:random[:SEED]``, the seeded random initialisation of its architecture."""
+    control = random_control(name)
+    if control is not None:
+        return prepare_random(*control, force=force)
     model = get(name)
     folder = prepared_dir(name)
     if is_prepared(name) and not force:

@@ -22,6 +22,8 @@ def _models(args) -> int:
         for name, model in sorted(bundled.MODELS.items()):
             state = "prepared" if bundled.is_prepared(name) else "not prepared"
             print(f"{name:22s} {model.hf_name:38s} {model.quantisation:7s} {state}")
+        print("Random-weights control of any of them (its architecture and tokenizer, seeded random weights): "
+              "<name>:random or <name>:random:SEED, e.g. jtc models prepare smollm2-135m:random")
         return 0
     if not args.name:
         print(f"jtc models {args.action}: a model name is required", file=sys.stderr)
@@ -147,7 +149,7 @@ def _tuned(args) -> int:
     from .projectors.tuned import export_tuned_lens
     from .tuned_training import TunedRecipe
 
-    folder = str(bundled.prepare(args.model)) if args.model in bundled.MODELS else args.model
+    folder = str(bundled.prepare(args.model)) if bundled.is_bundled(args.model) else args.model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lens = build_lens_model(model, AutoTokenizer.from_pretrained(folder))
     recipe = TunedRecipe(args.recipe, token_budget=args.token_budget, chunk_len=args.tuned_chunk_len,

@@ -25,7 +25,7 @@ from .store import atomic_write_json
 
 def resolve_model(name: str) -> str:
     """A bundled name becomes its prepared folder; hub names and folders pass through."""
-    return str(bundled.prepare(name)) if name in bundled.MODELS else name
+    return str(bundled.prepare(name)) if bundled.is_bundled(name) else name
 
 
 def _looks_like_path(name: str) -> bool:
@@ -39,6 +39,11 @@ def model_problem(name: str) -> str | None:
     or None: a bundled name, a model folder, or a hub name (in the local cache when offline)."""
     if name in bundled.MODELS:
         return None
+    try:
+        if bundled.random_control(name) is not None:
+            return None
+    except ValueError as exc:
+        return str(exc)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return None if (folder / "config.json").is_file() else f"{name}: the folder has no config.json (not a Hugging Face model folder)"
