@@ -206,6 +206,30 @@ def layers_view(runs: list[read.LayersRun], model_name: str) -> list[dict]:
     return views
 
 
+def cross_model_charts(views: list[tables.CrossModel]) -> list[dict]:
+    """P@1 against relative depth, one line per model, one chart per projector, on one distribution (Wikipedia when
+    every model has it, else the distribution with most models)."""
+    if not views:
+        return []
+    view = next((v for v in views if v.distribution == "wikipedia"), max(views, key=lambda v: len(v.rows)))
+    charts = []
+    for projector in view.projectors:
+        series = []
+        for k, (m, by) in enumerate(view.rows):
+            t = by.get(projector)
+            if t is None:
+                continue
+            L = t.num_layers
+            ys = t.layers["p@1"]
+            tips = [f"{m.name}, layer {l} of {L} (depth {l / L:.2f}): P@1 {y:.3f}" for l, y in enumerate(ys)]
+            series.append(svg.Series(label=m.name, xs=[l / L for l in range(L)], ys=ys, tips=tips, projector=f"model {k}",
+                                     variant=tables.is_random_control(m), index=k))
+        charts.append({"projector": projector, "distribution": view.distribution,
+                       "svg": svg.line_chart(series, title=f"{projector}: P@1 against relative depth on {view.distribution}",
+                                             y_label="P@1", y_range=(0.0, 1.0))})
+    return charts
+
+
 def r2_heatmaps(tasks: list[read.TaskRun]) -> list[dict]:
     L = tasks[0].num_layers
     out = []
@@ -340,8 +364,10 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
         atomic_write_bytes(path, env.get_template(template).render(page=name, **common, **ctx).encode("utf-8"))
         pages.append(path)
 
+    across = tables.cross_model(all_models)
     write("index.html", "index.html.j2", ranking=tables.rankings(all_models), warnings=warnings,
-          superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers))
+          superseded=loaded.superseded, n_runs=len(loaded.runs), n_transfers=len(transfers),
+          across=across, across_charts=cross_model_charts(across))
     for m, sections, exits, studies, layer_views in model_pages:
         write(m.page, "model.html.j2", model=m, sections=sections, exits=exits, exit_retentions=EXIT_RETENTIONS,
               paper_exit=early_exit.PAPER_SAVED_AT_95, studies=studies, layer_views=layer_views)

@@ -154,6 +154,43 @@ def rankings(all_models: list[Model]) -> list[RankRow]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Across models
+
+
+def is_random_control(m: Model) -> bool:
+    return bool(m.record and m.record.get("random_init"))
+
+
+@dataclass
+class CrossModel:
+    """One distribution across models: per model (by size, random-weights controls last) and projector, the
+    layer-averaged P@1 and KL (bits), and the run each comes from."""
+
+    distribution: str
+    projectors: list[str]
+    rows: list[tuple[Model, dict[str, TaskRun]]]
+
+    @property
+    def has_control(self) -> bool:
+        return any(is_random_control(m) for m, _ in self.rows)
+
+
+def cross_model(all_models: list[Model]) -> list[CrossModel]:
+    """Only when more than one model has results: a view of one model is its own page."""
+    if len(all_models) < 2:
+        return []
+    ordered = sorted(all_models, key=lambda m: (is_random_control(m), m.n_params or 0, m.name))
+    out = []
+    for dist in sorted({d for m in all_models for d in m.distributions}):
+        rows = [(m, {t.projector: t for t in m.in_distribution(dist)}) for m in ordered if dist in m.distributions]
+        if len(rows) < 2:
+            continue
+        projectors = sorted({p for _, by in rows for p in by}, key=projector_sort_key)
+        out.append(CrossModel(dist, projectors, rows))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Paired comparisons
 
 

@@ -61,3 +61,30 @@ def test_pages_are_written_atomically(tmp_path, monkeypatch):
         if name.endswith(".html"):
             assert data.rstrip().endswith(b"</html>"), f"{name} is cut short"
     assert b"other-results" in after[Path(calls[0]).name]  # the first page was replaced by the new build's
+
+
+def test_the_landing_page_compares_models_by_size_with_the_random_control_last(tmp_path):
+    import json
+
+    from fake_runs import write_run
+    from jtc_lens.leaderboard.build import build_site
+
+    tasks = [("id", "wikipedia", None), ("mat", "wikipedia", "wikipedia")]
+    big = write_run(tmp_path / "big", tasks, model_name="big-model", model_id="bigmodel00000001", layers=4, seed=1)
+    small = write_run(tmp_path / "small", tasks, model_name="small-model", model_id="smallmodel000001", layers=3, seed=2)
+    control = write_run(tmp_path / "control", tasks, model_name="small-model-random", model_id="randommodel00001", layers=3,
+                        seed=3, provenance={"model_record": {"name": "small:random:0", "weights": "random",
+                                                             "random_init": {"seed": 0, "architecture_of": "small"}}})
+    for path, n in ((big, 5000), (small, 1000), (control, 1000)):  # parameter counts order the rows
+        data = json.loads(path.read_text())
+        data["config"]["model_num_parameters"] = n
+        path.write_text(json.dumps(data))
+    site = build_site([tmp_path / "big", tmp_path / "small", tmp_path / "control"], tmp_path / "site")
+    index = next(p for p in site.pages if p.name == "index.html").read_text()
+    section = index[index.index('id="across-models"'):index.index("Ranking by layer-averaged")]
+    order = [section.index(n) for n in ("small-model<", "big-model<", "small:random:0<")]
+    assert order == sorted(order)  # by size, the control last
+    assert 'class="control"' in section and "random-weights controls" in section
+    mat_small = json.loads(small.read_text())["results"]["jtc_mat_wikipedia"]["p@1,none"]
+    assert f"{mat_small:.3f}" in section
+    assert section.count('class="metric-chart"') == 2  # P@1 against depth for id and for mat, a line per model
