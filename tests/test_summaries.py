@@ -57,3 +57,26 @@ def test_the_comparison_table_gives_per_layer_differences_and_counts_the_layers(
     assert lines[2] == "| layer | code | news |"
     assert "| 1 | +0.3000 | -0.2500 |" in lines and "| 2 | 0.0000 | -1.0000 |" in lines
     assert "| layers with tuned at or below affine | 2/3 | 3/3 |" in lines
+
+
+def test_the_compare_table_tests_each_layer_from_the_samples(tmp_path):
+    import json
+
+    from fake_runs import edit_samples, samples_file, write_run
+    from jtc_lens.harness.report import compare_table
+
+    path = write_run(tmp_path / "run", [("tuned", "news", "news"), ("affine", "news", "news")], layers=3, n_items=40)
+    affine = {json.loads(line)["doc"]["item_id"]: json.loads(line)
+              for line in samples_file(path, "jtc_affine_news").read_text().splitlines()}
+
+    def plant(row):  # tuned = affine, plus 1 nat at layer 0 and minus 1 at layer 2 on every item
+        same = affine[row["doc"]["item_id"]]
+        for l, shift in enumerate((1.0, 0.0, -1.0)):
+            row[f"kl.L{l}"] = same[f"kl.L{l}"] + shift
+
+    edit_samples(path, "jtc_tuned_news", plant)
+    lines = compare_table(path, "tuned", "affine", "kl").splitlines()
+    assert "| layers significantly above affine | 1 |" in lines
+    assert "| layers significantly below affine | 1 |" in lines
+    samples_file(path, "jtc_affine_news").unlink()
+    assert "| layers significantly above affine |" not in compare_table(path, "tuned", "affine", "kl")
