@@ -18,7 +18,7 @@ from jtc_lens.harness.provenance import model_record, versions  # noqa: E402
 
 
 def model_folder(name: str) -> str:
-    return str(bundled.prepare(name)) if name in bundled.MODELS else name
+    return str(bundled.prepare(name)) if bundled.is_bundled(name) else name
 
 
 def load_lens(name: str, dtype: torch.dtype = torch.float32):
@@ -52,3 +52,29 @@ def provenance_lines(model: str, folder: str, corpus: str | None, extra: dict | 
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
     return lines
+
+
+def plain_pass_seconds(lens, encoded: list, batch_size: int) -> float:
+    """One forward pass of the headless model over ``encoded`` in batches, as the studies batch them (seconds)."""
+    import time
+
+    from jtc_lens.harness.encoding import batches
+
+    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches(encoded, batch_size, pad):
+            lens.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return time.perf_counter() - start
+
+
+def timed_against_plain(lens, encoded: list, batch_size: int, run) -> tuple[float, float]:
+    """(seconds of ``run()``, the best of four plain passes: three before it and one after, in case the machine was
+    busier before it)."""
+    import time
+
+    one_pass = min(plain_pass_seconds(lens, encoded, batch_size) for _ in range(3))
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    return seconds, min(one_pass, plain_pass_seconds(lens, encoded, batch_size))

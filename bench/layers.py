@@ -11,13 +11,11 @@ fewer, looped_parallel more), which the block count printed beside the ratio acc
 from __future__ import annotations
 
 import argparse
-import time
 
 import common  # noqa: F401  (sets the offline environment first)
-import torch
 
 from jtc_lens.harness.corpora import get_corpus
-from jtc_lens.harness.encoding import batches, encode_all
+from jtc_lens.harness.encoding import encode_all
 from jtc_lens.harness.layer_study import KINDS, spec_of, starts, study
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
 
@@ -36,20 +34,8 @@ def main() -> int:
     protocol = ProtocolConfig("paper", seed=args.seed)
     items = build_items(get_corpus(args.distribution), "validation", protocol, limit=args.items)
     encoded, _ = encode_all(items, lens.tokenizer, protocol, lens.masked)
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
-
-    def plain() -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            for batch in batches(encoded, args.batch_size, pad):
-                lens.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return time.perf_counter() - start
-
-    one_pass = min(plain() for _ in range(3))
-    start = time.perf_counter()
-    study(lens, encoded, args.every, args.seed, args.batch_size)
-    seconds = time.perf_counter() - start
-    one_pass = min(one_pass, plain())  # again after the study, in case the machine was busier before it
+    seconds, one_pass = common.timed_against_plain(lens, encoded, args.batch_size,
+                                                   lambda: study(lens, encoded, args.every, args.seed, args.batch_size))
     L = lens.num_layers
     spans = starts(L, args.every)
     passes = 1 + len(KINDS) * len(spans)

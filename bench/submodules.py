@@ -11,13 +11,11 @@ one pass per (part, start layer) (the study's own count without the removal base
 from __future__ import annotations
 
 import argparse
-import time
 
 import common  # noqa: F401  (sets the offline environment first)
-import torch
 
 from jtc_lens.harness.corpora import get_corpus
-from jtc_lens.harness.encoding import batches, encode_all
+from jtc_lens.harness.encoding import encode_all
 from jtc_lens.harness.fitting import FitSpec, get_least_squares
 from jtc_lens.harness.protocols import ProtocolConfig, build_items
 from jtc_lens.harness.submodule_study import get_maps, parts_of, start_layers, study
@@ -42,20 +40,8 @@ def main() -> int:
     maps, _ = get_maps(lens, spec, batch_size=args.batch_size)
     items = build_items(get_corpus(args.distribution), "validation", protocol, limit=args.items)
     encoded, _ = encode_all(items, lens.tokenizer, protocol, lens.masked)
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
-
-    def plain() -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            for batch in batches(encoded, args.batch_size, pad):
-                lens.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return time.perf_counter() - start
-
-    one_pass = min(plain() for _ in range(3))
-    start = time.perf_counter()
-    study(lens, encoded, list(PARTS), maps, mat, args.every, args.batch_size)
-    seconds = time.perf_counter() - start
-    one_pass = min(one_pass, plain())  # again after the study, in case the machine was busier before it
+    seconds, one_pass = common.timed_against_plain(lens, encoded, args.batch_size,
+                                                   lambda: study(lens, encoded, list(PARTS), maps, mat, args.every, args.batch_size))
     starts = start_layers(lens.num_layers, args.every)
     passes = 1 + len(PARTS) * len(starts) * len(MODES)
     print(f"# Sub-module study: cost against plain forward passes ({args.model}, {args.distribution}, {len(encoded)} items)\n")

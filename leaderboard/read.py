@@ -374,11 +374,17 @@ def _analysis(config) -> str:
     return str(meta.get("analysis") or "lens") if isinstance(meta, dict) else "lens"
 
 
+def _analysis_record(config: dict, name: str, what: str) -> dict:
+    """A task's provenance holding its ``name`` analysis record and a model record, or a ValueError naming what is missing."""
+    prov = config["metadata"].get("provenance")
+    if not isinstance(prov, dict) or not isinstance(prov.get(name), dict) or not isinstance(prov.get("model"), dict):
+        raise ValueError(f"configs.<task>.metadata.provenance.{name} is missing (an incomplete {what} run)")
+    return prov
+
+
 def _exit_task(task: str, res: dict, config: dict, path: Path, run: Run) -> ExitRun:
     meta = config["metadata"]
-    prov = meta.get("provenance")
-    if not isinstance(prov, dict) or not isinstance(prov.get("exit"), dict) or not isinstance(prov.get("model"), dict):
-        raise ValueError("configs.<task>.metadata.provenance.exit is missing (an incomplete early-exit run)")
+    prov = _analysis_record(config, "exit", "early-exit")
     summary = prov["exit"]
     curve = summary.get("curve") or {}
     for key in ("lambdas", "fraction_used", "accuracy"):
@@ -403,23 +409,11 @@ SUBMODULE_METRICS = ("p@1", "surprisal", "kl")
 
 
 def _submodule_task(task: str, res: dict, config: dict, path: Path, run: Run) -> SubmoduleRun:
-    meta = config["metadata"]
-    prov = meta.get("provenance")
-    if not isinstance(prov, dict) or not isinstance(prov.get("submodule"), dict) or not isinstance(prov.get("model"), dict):
-        raise ValueError("configs.<task>.metadata.provenance.submodule is missing (an incomplete sub-module run)")
+    prov = _analysis_record(config, "submodule", "sub-module")
     starts = prov["submodule"].get("start_layers")
     if not isinstance(starts, list) or not starts:
         raise ValueError("provenance.submodule.start_layers is missing")
-    values: dict[str, dict[str, list[float]]] = {}
-    for mode, prefix in SUBMODULE_MODES.items():
-        values[mode] = {}
-        for m in SUBMODULE_METRICS:
-            keys = [f"{prefix}{m}.L{l},none" for l in starts]
-            absent = [k for k in keys if k not in res]
-            if absent:
-                raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
-            # NaN is a result here: the intervened model diverged (counted in provenance.submodule.nonfinite_positions)
-            values[mode][m] = [_number_or_nan(res[k], k) for k in keys]
+    values = _per_start(res, SUBMODULE_MODES, SUBMODULE_METRICS, lambda prefix, m, l: f"{prefix}{m}.L{l},none", starts)
     return SubmoduleRun(task=task, part=str(prov["submodule"].get("part")), distribution=str(prov.get("distribution")),
                         model_key=_model_key(prov["model"]), num_layers=int(prov["model"].get("num_layers") or 0),
                         items=int(prov.get("items") or 0), starts=[int(l) for l in starts], values=values,
@@ -430,25 +424,28 @@ def _submodule_task(task: str, res: dict, config: dict, path: Path, run: Run) ->
 LAYER_METRICS = ("p@1", "kl", "xent")  # harness/layer_study.py (which imports torch; the site does not)
 
 
+def _per_start(res: dict, groups: dict[str, str], metrics, key, starts: list) -> dict[str, dict[str, list[float]]]:
+    """group -> metric -> the value at every start layer, ``key(groups[group], metric, start)`` naming it in ``res``.
+    NaN is a result here: the intervened model diverged (the provenance counts where)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for group, tag in groups.items():
+        values[group] = {}
+        for m in metrics:
+            keys = [key(tag, m, s) for s in starts]
+            absent = [k for k in keys if k not in res]
+            if absent:
+                raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
+            values[group][m] = [_number_or_nan(res[k], k) for k in keys]
+    return values
+
+
 def _layers_task(task: str, res: dict, config: dict, path: Path, run: Run) -> LayersRun:
-    meta = config["metadata"]
-    prov = meta.get("provenance")
-    if not isinstance(prov, dict) or not isinstance(prov.get("layers"), dict) or not isinstance(prov.get("model"), dict):
-        raise ValueError("configs.<task>.metadata.provenance.layers is missing (an incomplete layer-intervention run)")
+    prov = _analysis_record(config, "layers", "layer-intervention")
     info = prov["layers"]
     kinds, starts, summary = info.get("kinds"), info.get("starts"), info.get("summary")
     if not (isinstance(kinds, list) and kinds and isinstance(starts, list) and starts and isinstance(summary, dict)):
         raise ValueError("provenance.layers needs kinds, starts and summary")
-    values: dict[str, dict[str, list[float]]] = {}
-    for kind in kinds:
-        values[kind] = {}
-        for m in LAYER_METRICS:
-            keys = [f"{m}.{kind}.S{s},none" for s in starts]
-            absent = [k for k in keys if k not in res]
-            if absent:
-                raise ValueError(f"partial results: {len(absent)} value(s) missing, e.g. {absent[0]}")
-            # NaN is a result here: the intervened model diverged (counted in provenance.layers.nonfinite_positions)
-            values[kind][m] = [_number_or_nan(res[k], k) for k in keys]
+    values = _per_start(res, {k: k for k in kinds}, LAYER_METRICS, lambda kind, m, s: f"{m}.{kind}.S{s},none", starts)
     if "xent.none,none" not in res:
         raise ValueError("partial results: xent.none (the unmodified model's cross-entropy) is missing")
     return LayersRun(task=task, distribution=str(prov.get("distribution")), model_key=_model_key(prov["model"]),
