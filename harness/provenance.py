@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import platform
 from importlib import metadata
@@ -18,7 +19,22 @@ def versions() -> dict:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
+    out["jtc-lens source sha256"] = source_sha256()
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_sha256() -> str:
+    """sha256 over the code that ran (every .py, .yaml, .yml and .j2 file of this package, by relative path): the
+    version number stays the same between changes, this does not."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".j2") and p.is_file()
+                       and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def peak_memory() -> dict:

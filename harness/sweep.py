@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -93,10 +92,10 @@ def finished_run(model_dir: Path, request: dict) -> tuple[Path | None, str]:
 
 def launcher(processes: int) -> tuple[list[str], dict]:
     """How lm_eval is started: in this process's interpreter, or by accelerate with N data-parallel processes."""
+    # the interpreter of this process, never a script found on PATH: the run scores with the jtc-lens that started it
     if processes <= 1:
-        return [shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval")], {}
-    exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    cmd = [exe, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        return [sys.executable, "-m", "lm_eval"], {}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval"]
     import torch
 
