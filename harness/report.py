@@ -170,8 +170,12 @@ def exit_table(results_file: Path) -> str:
                 cells.append(f"{100 * r['saved_diff@95,none']:+.1f} [{100 * r['saved_diff@95_lo,none']:+.1f}, "
                              f"{100 * r['saved_diff@95_hi,none']:+.1f}]" if "saved_diff@95,none" in r else "–")
         out.append(f"| {d} | " + " | ".join(cells) + " |")
-    out.append(f"| paper, GPT-2 (24 layers), 95% only | {100 * PAPER_SAVED_AT_95['id']:.1f} | {100 * PAPER_SAVED_AT_95['mat']:.1f} |"
-               + " |" * (len(projectors) - 2 + sum(p in projectors for p in ("mat", "tuned"))) + "\n")
+    # the paper's figures under their own projectors' columns only (a run of tuned alone has neither)
+    paper = [f"{100 * PAPER_SAVED_AT_95[p]:.1f}" if p in PAPER_SAVED_AT_95 else "" for p in projectors]
+    if any(paper):
+        blanks = [""] * sum(p in projectors for p in ("mat", "tuned"))
+        out.append("| paper, GPT-2 (24 layers), 95% only | " + " | ".join(paper + blanks) + " |")
+    out.append("")
     return "\n".join(out)
 
 
