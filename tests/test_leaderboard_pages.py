@@ -70,7 +70,8 @@ def test_the_landing_page_compares_models_by_size_with_the_random_control_last(t
     from jtc_lens.leaderboard.build import build_site
 
     tasks = [("id", "wikipedia", None), ("mat", "wikipedia", "wikipedia")]
-    big = write_run(tmp_path / "big", tasks, model_name="big-model", model_id="bigmodel00000001", layers=4, seed=1)
+    big = write_run(tmp_path / "big", tasks, model_name="big-model", model_id="bigmodel00000001", layers=4, seed=1,
+                    provenance={"model_record": {"name": "big-model", "original": "org/big", "weights": "4-bit"}})
     small = write_run(tmp_path / "small", tasks, model_name="small-model", model_id="smallmodel000001", layers=3, seed=2)
     control = write_run(tmp_path / "control", tasks, model_name="small-model-random", model_id="randommodel00001", layers=3,
                         seed=3, provenance={"model_record": {"name": "small:random:0", "weights": "random",
