@@ -59,7 +59,8 @@ def test_lm_eval_runs_every_jtc_task_without_include_path(lm_eval_bin, tmp_path)
 
     assert set(results["results"]) == ({f"jtc_{p}_{d}" for p in ("id", "mat", "affine", "tuned") for d in names()}
                                        | {f"jtc_exit_{p}_{d}" for p in ("id", "mat", "tuned") for d in names()}
-                                       | {f"jtc_submodule_{p}_{d}" for p in ("attn", "ffn", "norm") for d in names()})
+                                       | {f"jtc_submodule_{p}_{d}" for p in ("attn", "ffn", "norm") for d in names()}
+                                       | {f"jtc_layers_{d}" for d in names()})
     tasks = {f"jtc_{p}_{d}" for p in ("id", "mat", "affine", "tuned") for d in ("wikipedia", "news")}
     for task in tasks:
         res = results["results"][task]
