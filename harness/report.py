@@ -108,40 +108,32 @@ def compare_table(results_file: Path, a: str = "tuned", b: str = "affine", metri
             cells = []
             for d in dists:
                 t = tested[d]
-                cells.append("–" if t is None else str(sum(1 for diff, rejected in t if rejected and sign * diff > 0)))
+                cells.append("–" if t is None else str(sum(1 for row in t if row.significant and sign * row.diff > 0)))
             out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append(f"\nSignificance: per layer, a two-sided paired sign-flip test over items on {metric} (2,000 sign flips), "
-                   "Holm-corrected over the layers of each distribution at 0.05; from the samples files beside the results "
-                   "(– where they are absent).")
+        test = next(t for t in tested.values() if t is not None)[0].test
+        out.append(f"\nSignificance: per layer, a {test} test on {metric}, paired over items (2,000 resamples), Holm-corrected "
+                   "over the layers of each distribution at 0.05; from the samples files beside the results (– where they "
+                   "are absent).")
     return "\n".join(out) + "\n"
 
 
-def _paired_layers(results_file: Path, task_a: str, task_b: str, metric: str, L: int) -> list[tuple[float, bool]] | None:
-    """Per layer (mean difference a - b, rejected by Holm at 0.05) from the two tasks' samples files, paired by item id;
-    None when either file is not beside the results file."""
-    import numpy as np
-
-    from .stats import holm, pair_by_id, sign_flip_pvalue
+def _paired_layers(results_file: Path, task_a: str, task_b: str, metric: str, L: int) -> list | None:
+    """Per layer, the paired comparison of the two tasks' items (``stats.compare``: Holm over the layers at 0.05)
+    from their samples files; None when either file is not beside the results file."""
+    from .stats import compare
 
     stamp = results_file.name[len("results_"):-len(".json")]
-    values = []
+    sides = []
     for task in (task_a, task_b):
         path = results_file.parent / f"samples_{task}_{stamp}.jsonl"
         if not path.is_file():
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        values.append({r["doc"]["item_id"]: r for r in rows if f"{metric}.L0" in r})
-    ids_a, ids_b = list(values[0]), list(values[1])
-    hashes = [[v[i]["doc"].get("item_sha256") for i in ids] for v, ids in zip(values, (ids_a, ids_b))]
-    diffs, ps = [], []
-    for l in range(L):
+        rows = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if f"{metric}.L0" in r]
         # paired by item id, and the same item under that id (its text and position draw): else a ValueError
-        _, x, y = pair_by_id(ids_a, [values[0][i][f"{metric}.L{l}"] for i in ids_a],
-                             ids_b, [values[1][i][f"{metric}.L{l}"] for i in ids_b], *hashes)
-        diffs.append(float(np.mean(x - y)))
-        ps.append(sign_flip_pvalue(x, y, n_resamples=2000))
-    _, rejected = holm(ps)
-    return list(zip(diffs, [bool(r) for r in rejected]))
+        sides += [[r["doc"]["item_id"] for r in rows], {l: [r[f"{metric}.L{l}"] for r in rows] for l in range(L)},
+                  [r["doc"].get("item_sha256") for r in rows]]
+    ids_a, a, hashes_a, ids_b, b, hashes_b = sides
+    return compare(ids_a, a, ids_b, b, metric, n_resamples=2000, contents_a=hashes_a, contents_b=hashes_b)
 
 
 def exit_table(results_file: Path) -> str:
