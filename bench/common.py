@@ -60,7 +60,7 @@ def plain_pass_seconds(lens, encoded: list, batch_size: int) -> float:
 
     from jtc_lens.harness.encoding import batches
 
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches(encoded, batch_size, pad):

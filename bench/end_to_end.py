@@ -50,7 +50,7 @@ def forward_floor(model_name: str, n_eval: int, batch_size: int) -> tuple[float,
     for dist in names():
         items = build_items(get_corpus(dist), "validation", protocol, limit=n_eval)
         encoded += [encode(it, lens.tokenizer, protocol, lens.masked) for it in items]
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     prepared = list(batches(encoded, batch_size, pad))
     with torch.no_grad():
         lens.model(input_ids=prepared[0].input_ids, attention_mask=prepared[0].attention_mask)  # warm-up

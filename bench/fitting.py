@@ -38,7 +38,7 @@ def main() -> int:
     protocol = ProtocolConfig("paper")
     items = build_items(get_corpus(args.distribution), "train", protocol, limit=args.items)
     encoded = [encode(it, lens.tokenizer, protocol, lens.masked) for it in items]
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     chunks = []
     with torch.no_grad():
         for batch in tqdm(list(batches(encoded, args.batch_size, pad)), desc="capture states", unit="batch"):

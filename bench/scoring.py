@@ -50,7 +50,7 @@ def main() -> int:
     protocol = ProtocolConfig("dense", chunk_len=128)
     items = build_items(get_corpus(args.distribution), "validation", protocol, limit=-(-args.positions // 128))
     encoded = [encode(it, lens.tokenizer, protocol, lens.masked) for it in items]
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     captured = []  # (states, targets) per engine batch; the forward pass is not what is measured here
     for batch in batches(encoded, args.batch_size, pad):
         captured.append((lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float(), batch.targets))

@@ -19,7 +19,7 @@ from . import early_exit, nonfinite
 from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
-from .fitting import FitSpec, TunedSpec, get_least_squares, get_tuned
+from .fitting import FitSpec, FittedLeastSquares, TunedSpec, get_least_squares, get_tuned
 from .metrics import CONFIDENCE, LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
@@ -99,6 +99,7 @@ class Engine:
         self.max_length = max_length
         self.group = group
         self.fingerprint = lens.fingerprint()
+        self._fitted: dict[FitSpec, FittedLeastSquares] = {}
 
     def run(self, requests: list[EvalRequest]) -> list[dict]:
         """One dict per request: the item's metric values, and under "provenance" the record of how they were
@@ -132,25 +133,15 @@ class Engine:
         for key in sorted(keys, key=repr):
             group, every = key
             distribution, split, protocol = group
-            items: dict[str, Item] = {}
-            for i in by_key.get(key, []):
-                items.setdefault(requests[i].item.item_id, requests[i].item)
-            encoded, too_short = encode_all(list(items.values()), self.lens.tokenizer, protocol, self.lens.masked,
-                                            self.max_length)
+            encoded, too_short = encode_all(self._items_of(requests, by_key.get(key, [])), self.lens.tokenizer, protocol,
+                                            self.lens.masked, self.max_length)
             values, info = study(self.lens, encoded, every, protocol.seed, self.batch_size,
                                  desc=f"jtc layer interventions {distribution}/{split}")
             everyone = {k: v for theirs in self.group.gather(values) for k, v in theirs.items()}
-            nonfinite_counts: dict[str, int] = defaultdict(int)
-            for theirs in self.group.gather(info["nonfinite_positions"]):
-                for spec, n in theirs.items():
-                    nonfinite_counts[spec] += n
-            info = {**info, "nonfinite_positions": dict(nonfinite_counts),
+            info = {**info, "nonfinite_positions": self._summed(info["nonfinite_positions"]),
                     "nonfinite_meaning": "positions whose final prediction was non-finite (the intervened model "
                                          "diverged); their metrics are NaN, so a mean over items containing one is NaN"}
-            gathered = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added)
-                                          for e in encoded])
-            union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
-            prov = self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
+            prov = self._set_provenance(group, encoded)
             record = {**prov, "projector_config": {"name": "id"},
                       "layers": {**info, "summary": summarise(everyone, info, protocol.seed) if everyone else None}}
             record = {**record, "record_id": sha256_json(record)[:16]}
@@ -177,19 +168,16 @@ class Engine:
         for key in sorted(merged, key=repr):
             group, fit, every = key
             distribution, split, protocol = group
-            items: dict[str, Item] = {}
-            for i in by_key.get(key, []):
-                items.setdefault(requests[i].item.item_id, requests[i].item)
             parts, adapter = parts_of(self.lens)
             maps, map_info = get_maps(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group)
             projectors, fit_info = self._projectors({("mat", fit)})
-            encoded, too_short = encode_all(list(items.values()), self.lens.tokenizer, protocol, self.lens.masked, self.max_length)
+            encoded, too_short = encode_all(self._items_of(requests, by_key.get(key, [])), self.lens.tokenizer, protocol,
+                                            self.lens.masked, self.max_length)
             values, info = study(self.lens, encoded, sorted(merged[key]), maps, projectors[("mat", fit)], every,
                                  self.batch_size, desc=f"jtc sub-modules {distribution}/{split}")
-            gathered = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added)
-                                          for e in encoded])
-            union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
-            prov = self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
+            # every process's diverged positions, not this one's alone
+            info = {**info, "nonfinite_positions": self._summed(info["nonfinite_positions"])}
+            prov = self._set_provenance(group, encoded)
             records = {}
             for part in sorted(merged[key]):
                 baseline = EvalRequest("mat", distribution, split, protocol, Item("-", "", 0.0), fit)
@@ -206,6 +194,32 @@ class Engine:
                 else:
                     responses[i] = {**values[r.part][item_id], "provenance": records[r.part]}
         return responses  # type: ignore[return-value]
+
+    @staticmethod
+    def _items_of(requests: list[EvalRequest], indices: list[int]) -> list[Item]:
+        """The distinct items of ``requests[indices]`` (one per id), in request order; two different items under
+        one id stop the run."""
+        items: dict[str, Item] = {}
+        for i in indices:
+            item = requests[i].item
+            if items.setdefault(item.item_id, item) != item:
+                raise ValueError(f"two requests name item {item.item_id} with different contents")
+        return list(items.values())
+
+    def _summed(self, counts: dict[str, int]) -> dict[str, int]:
+        """Per key, the counts of every process added up."""
+        total: dict[str, int] = defaultdict(int)
+        for theirs in self.group.gather(counts):
+            for k, n in theirs.items():
+                total[k] += n
+        return dict(total)
+
+    def _set_provenance(self, group: tuple, encoded: list) -> dict:
+        """The evaluation set's provenance from every process's encoded items (each item once)."""
+        gathered = self.group.gather([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added)
+                                      for e in encoded])
+        union = sorted({rec[0]: rec for records in gathered for rec in records}.values())
+        return self._group_provenance(group, union, sum(1 for rec in union if rec[3]))
 
     def _run_lenses(self, requests: list[EvalRequest]) -> list[dict]:
         start = time.perf_counter()
@@ -227,13 +241,9 @@ class Engine:
         projectors, fit_info = self._projectors(set().union(*merged.values()))
         results = {}
         for group in sorted(merged, key=repr):
-            items: dict[str, Item] = {}
-            for i in by_group.get(group, []):
-                item = requests[i].item
-                if items.setdefault(item.item_id, item) != item:
-                    raise ValueError(f"two requests name item {item.item_id} with different contents")
             keys = sorted(merged[group], key=repr)
-            results[group] = self.evaluate_set(group, list(items.values()), {k: projectors[k] for k in keys},
+            results[group] = self.evaluate_set(group, self._items_of(requests, by_group.get(group, [])),
+                                               {k: projectors[k] for k in keys},
                                                exit_keys=merged_exits[group])
         resources = {"peak_memory": self.group.gather(peak_memory()), "processes": self.group.world_size,
                      "run_seconds": round(time.perf_counter() - start, 2), "run_requests": len(requests)}
@@ -266,15 +276,21 @@ class Engine:
                 out[(name, fit)] = IdentityProjector()
                 continue
             if name == "tuned":
-                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group, self.batch_size,
-                                                            self.max_length, self.on_nonfinite)
+                out[(name, fit)], fit_info[fit] = get_tuned(self.lens, fit, self.fingerprint, self.group,
+                                                            least_squares=self._least_squares, max_length=self.max_length)
                 continue
-            if fit not in fit_info:
-                fitted = get_least_squares(self.lens, fit, self.batch_size, self.max_length, self.fingerprint, self.group,
-                                           on_nonfinite=self.on_nonfinite)
-                fit_info[fit] = fitted.info
-                out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
+            fitted = self._least_squares(fit)
+            fit_info[fit] = fitted.info
+            out[("mat", fit)], out[("affine", fit)] = fitted.mat, fitted.affine
         return out, fit_info
+
+    def _least_squares(self, spec: FitSpec) -> FittedLeastSquares:
+        """mat and affine fitted on ``spec``, once per engine: the lens tasks, the sub-module baseline and the tuned
+        lens's warm start of one run share them (without a usable cache, they would otherwise be fitted again)."""
+        if spec not in self._fitted:
+            self._fitted[spec] = get_least_squares(self.lens, spec, self.batch_size, self.max_length, self.fingerprint,
+                                                   self.group, on_nonfinite=self.on_nonfinite)
+        return self._fitted[spec]
 
     # -- early exit -------------------------------------------------------------------------------
 
@@ -334,7 +350,7 @@ class Engine:
         t_sq = torch.zeros(N, d, dtype=torch.float64)
         bad_model: dict[str, dict] = {}  # items with non-finite hidden states or final logits
         bad_projector: dict[str, dict] = {}  # items a projector turned non-finite (a projector fault: never dropped)
-        pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+        pad = lens.pad_id
         sources = list(range(L))
         exit_parts: dict[tuple, list] = {key: [] for key in exit_keys}  # (owner, token position, confidence, correct)
         with torch.no_grad(), tqdm(total=N, desc=f"jtc {distribution}/{split} ({len(projectors)} projectors)", unit="item") as bar:

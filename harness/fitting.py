@@ -7,6 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -105,7 +106,7 @@ def accumulate(lens: LensModel, encoded, pairs: str, batch_size: int, desc: str,
     over every process), and under ``on_nonfinite="error"`` stop the fit with a message naming them.
     """
     acc = GramAccumulator(lens.num_layers + 1, lens.d_model, pairs)
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     share = group.shard(encoded)
     bad: dict[str, dict] = {}
     if group.distributed:
@@ -271,11 +272,9 @@ def heldout_items(lens: LensModel, spec: FitSpec, positions: int, max_length: in
     return encoded, sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
 
 
-def _warm_start(lens: LensModel, spec: TunedSpec, fingerprint: dict, group: Group, batch_size: int,
-                max_length: int | None, on_nonfinite: str) -> tuple[WarmStart, dict]:
-    """The run's affine projector (from the cache when the run fitted it already) and the held-out items; the
-    key fields that name them."""
-    fitted = get_least_squares(lens, spec.start, batch_size, max_length, fingerprint, group, on_nonfinite)
+def _warm_start(lens: LensModel, spec: TunedSpec, fitted: FittedLeastSquares,
+                max_length: int | None) -> tuple[WarmStart, dict]:
+    """The run's affine projector and the held-out items (encoded like the fit items); the key fields that name them."""
     encoded, heldout_hash = heldout_items(lens, spec.start, spec.recipe.heldout_positions, max_length)
     record = {"projector": "affine", "fit": spec.start.as_dict(), "fit_data_sha256": fitted.info["fit_data_sha256"],
               "fit_positions": fitted.info["fit_positions"], "fit_cache": fitted.info.get("cache"),
@@ -285,17 +284,19 @@ def _warm_start(lens: LensModel, spec: TunedSpec, fingerprint: dict, group: Grou
 
 
 def get_tuned(lens: LensModel, spec: TunedSpec, fingerprint: dict | None = None, group: Group = SINGLE,
-              batch_size: int = 16, max_length: int | None = None, on_nonfinite: str = "error"):
+              least_squares: Callable[[FitSpec], FittedLeastSquares] | None = None, max_length: int | None = None):
     """A tuned lens for ``lens`` trained under ``spec``: imported, from the cache, or trained now (resuming a
     checkpoint; the processes of ``group`` share each step's chunks and sum their gradients). With
-    ``warm_start=affine`` the run's affine projector (``spec.start``, fitted or taken from the cache with the
-    other arguments) is the start."""
+    ``warm_start=affine`` the run's affine projector (fitted on ``spec.start`` by ``least_squares``, by default
+    ``get_least_squares`` with its defaults) is the start; ``max_length`` encodes its held-out items as the fit's."""
     fingerprint = fingerprint or lens.fingerprint()
     if spec.import_from:
         return import_tuned(lens, spec)
     warm, start_key = None, {}
     if spec.start is not None:
-        warm, start_key = _warm_start(lens, spec, fingerprint, group, batch_size, max_length, on_nonfinite)
+        fit = least_squares or (lambda s: get_least_squares(lens, s, max_length=max_length, fingerprint=fingerprint,
+                                                            group=group))
+        warm, start_key = _warm_start(lens, spec, fit(spec.start), max_length)
     key = {
         "family": "tuned",
         "model": model_key(fingerprint),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .encoding import batches
 from .layer_interventions import intervened
 from .layer_spec import LayerSpec
-from .metrics import final_stats, lens_metrics_from
+from .metrics import final_stats, lens_metrics_from, scores_or_nan
 from .models import LensModel
 from .stats import paired_bootstrap_ci, sign_flip_pvalue
 
@@ -57,12 +57,9 @@ def key(metric: str, kind: str, start: int) -> str:
 
 
 def _scores(final, logits: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-    """P@1, KL and cross-entropy (P,) of one prediction, NaN where it is non-finite (the intervened model
-    diverged: no top token, never a P@1 of 0); and how many positions those are."""
-    out = lens_metrics_from(final, logits[None].float(), targets)
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    nan = torch.full_like(out["p@1"][0], float("nan"))
-    return {m: torch.where(bad, nan, out[m][0]) for m in LAYER_METRICS}, int(bad.sum())
+    """P@1, KL and cross-entropy (P,) of one intervened prediction, NaN where it is non-finite; how many those are."""
+    values, bad = scores_or_nan(final, logits[None], targets, LAYER_METRICS)
+    return {m: v[0] for m, v in values.items()}, bad
 
 
 @torch.no_grad()
@@ -80,7 +77,7 @@ def study(lens: LensModel, encoded: list, every: int, seed: int, batch_size: int
     counts = torch.zeros(N, dtype=torch.float64)
     nonfinite: dict[str, int] = defaultdict(int)
     programs: dict[str, list] = {}
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     passes = 1 + len(KINDS) * len(spans)
     with tqdm(total=N * passes, desc=desc, unit="item-pass") as bar:
         for batch in batches(encoded, batch_size, pad):

@@ -138,3 +138,13 @@ def r2_pooled(projected: torch.Tensor, target: torch.Tensor, weighted: bool = Fa
     if weighted:
         return 1.0 - sse.sum(-1) / sst.sum()
     return 1.0 - (sse / sst).mean(-1)
+
+
+def scores_or_nan(final: FinalStats, logits: torch.Tensor, next_tokens: torch.Tensor,
+                  names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], int]:
+    """The ``names`` metrics (S, P) of an intervened model's predictions ``logits`` (S, P, V) against ``final``, and how
+    many of the S x P predictions are non-finite. A non-finite prediction (the model diverged there) has no top token:
+    its every metric is NaN, never a number such as P@1 = 0, so a mean over items holding one is NaN."""
+    out = lens_metrics_from(final, logits.float(), next_tokens)
+    bad = ~torch.isfinite(logits).all(dim=-1)  # (S, P)
+    return {m: torch.where(bad, torch.full_like(out[m], float("nan")), out[m]) for m in names}, int(bad.sum())

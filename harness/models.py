@@ -78,6 +78,11 @@ class LensModel:
         return self.unembed.weight.device
 
     @property
+    def pad_id(self) -> int:
+        """The id that pads a batch (the tokenizer's pad token, else 0: padded positions are masked and never scored)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.unembed.weight.dtype
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .distributed import SINGLE, Group
 from .encoding import batches
 from .fitting import FitSpec, _uncached, fit_inputs, fit_warnings, model_key
-from .metrics import final_stats, lens_metrics_from
+from .metrics import final_stats, scores_or_nan
 from .models import LensModel, _first_tensor
 from .projectors.cache import load_entry, save_entry
 from .projectors.least_squares import FitError, _solve_spd, ridge_penalty
@@ -77,7 +77,7 @@ def get_maps(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: i
             cross[name].addmm_(x.T, y)
         return hook
 
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     share = group.shard(encoded)
     handles = [modules[n].register_forward_hook(make_hook(n), with_kwargs=True) for n in names]
     n_pos = 0
@@ -117,16 +117,6 @@ def get_maps(lens: LensModel, spec: FitSpec, batch_size: int = 16, max_length: i
     return maps, info
 
 
-def _metrics(final, logits: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-    """P@1, surprisal and KL (S, P), and how many of the S x P predictions are non-finite. A non-finite prediction
-    (the intervened model diverged there) has no top token: its every metric is NaN, never a number such as P@1 = 0,
-    so the mean over items is NaN and says so; the count goes to the provenance."""
-    out = lens_metrics_from(final, logits.float(), targets)
-    bad = ~torch.isfinite(logits).all(dim=-1)  # (S, P)
-    values = {m: torch.where(bad, torch.full_like(out[m], float("nan")), out[m]) for m in STUDY_METRICS}
-    return values, int(bad.sum())
-
-
 @torch.no_grad()
 def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[str, torch.Tensor], mat, every: int,
           batch_size: int = 16, desc: str = "sub-modules") -> tuple[dict[str, dict[str, dict[str, float]]], dict]:
@@ -141,7 +131,7 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
                    for m in STUDY_METRICS} for part in parts_wanted}
     counts = torch.zeros(N, dtype=torch.float64)
     nonfinite: dict[str, int] = defaultdict(int)
-    pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+    pad = lens.pad_id
     passes = 1 + len(parts_wanted) * len(starts) * len(MODES)
     with tqdm(total=N * passes, desc=desc, unit="item-pass") as bar:
         for batch in batches(encoded, batch_size, pad):
@@ -152,7 +142,7 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
             targets = batch.targets
             counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
             mat_logits = lens.readout(mat.project(states.float(), starts, L))  # (S, P, V)
-            scores, bad = _metrics(final, mat_logits, targets)
+            scores, bad = scores_or_nan(final, mat_logits, targets, STUDY_METRICS)
             if bad:
                 nonfinite["mat"] += bad
             for m, v in scores.items():
@@ -164,7 +154,7 @@ def study(lens: LensModel, encoded: list, parts_wanted: list[str], maps: dict[st
                     for s, start in enumerate(starts):
                         with intervene(parts, part, start, mode, maps):
                             logits = lens.readout(lens.capture(*args)[L])[None]
-                        scores, bad = _metrics(final, logits, targets)
+                        scores, bad = scores_or_nan(final, logits, targets, STUDY_METRICS)
                         if bad:
                             nonfinite[f"{part}/{mode}/L{start}"] += bad
                         for m, v in scores.items():

@@ -134,8 +134,8 @@ def summarise(results_file: Path) -> list[str]:
             rows.append(f"  {task:28s} P@1 " + "; ".join(cells))
             continue
         if "xent.none,none" in res:  # a layer-intervention task: P@1 vs the model, widest and narrowest span
-            spans = sorted({int(m[2]) for m in (re.fullmatch(r"p@1\.(\w+)\.S(\d+),none", k) for k in res) if m})
-            kinds = sorted({m[1] for m in (re.fullmatch(r"p@1\.(\w+)\.S(\d+),none", k) for k in res) if m})
+            found = [m for m in (re.fullmatch(r"p@1\.(\w+)\.S(\d+),none", k) for k in res) if m]
+            spans, kinds = sorted({int(m[2]) for m in found}), sorted({m[1] for m in found})
             cells = [f"S{s}: " + " ".join(f"{k} {res[f'p@1.{k}.S{s},none']:.3f}" for k in kinds) for s in (spans[0], spans[-1])]
             rows.append(f"  {task:28s} P@1 vs the model; " + "; ".join(cells))
             continue

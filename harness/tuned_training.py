@@ -436,7 +436,7 @@ class TunedTrainer:
         count = min(r.heldout_positions, len(usable))
         chosen = {usable[int((j + 0.5) * len(usable) / count)] for j in range(count)}
         mine = self.group.shard(list(range(len(encoded))))
-        pad = lens.tokenizer.pad_token_id if lens.tokenizer.pad_token_id is not None else 0
+        pad = lens.pad_id
         index = {e.item_id: i for i, e in enumerate(encoded)}
         states, targets = [], []
         for batch in batches([encoded[i] for i in mine], 16, pad):

@@ -199,3 +199,13 @@ def test_jtc_layers_in_the_task_options_but_not_on_the_model_is_refused():
         _check_layers({"skip:2:3", None}, lens)
         with pytest.raises(ValueError, match="runs under jtc_layers=skip:2:3"):
             _check_layers({"reverse:1:2"}, lens)
+
+
+def test_two_different_items_under_one_id_stop_the_study():
+    from jtc_lens.harness.protocols import Item
+
+    model, lens, dist, items = _setup(n=2)
+    impostor = Item(items[0].item_id, items[1].text, items[1].u)
+    with pytest.raises(ValueError, match=f"two requests name item {items[0].item_id} with different contents"):
+        Engine(lens).run([EvalRequest("id", dist, "validation", PROTOCOL, it, analysis="layers")
+                          for it in (items[0], impostor)])

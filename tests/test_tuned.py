@@ -185,7 +185,7 @@ def _kl_per_layer(lens, projector, states):
     return out
 
 
-def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_training_does_not_help():
+def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_training_does_not_help(monkeypatch):
     from jtc_lens.harness.encoding import batches, encode_all
     from jtc_lens.harness.fitting import FitSpec, get_least_squares
 
@@ -196,8 +196,14 @@ def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_traini
     spec = TunedSpec("wikipedia", recipe, start=fit)
     items = build_items(get_corpus("wikipedia"), "validation", protocol, limit=4)
     engine = Engine(lens, batch_size=4)
+    import jtc_lens.harness.engine as engine_module
+
+    fits = []
+    real = engine_module.get_least_squares
+    monkeypatch.setattr(engine_module, "get_least_squares", lambda *a, **k: fits.append(a[1]) or real(*a, **k))
     responses = engine.run([EvalRequest(p, "wikipedia", "validation", protocol, it, s)
                             for p, s in (("tuned", spec), ("affine", fit)) for it in items])
+    assert fits == [fit]  # the affine task and the warm start share one fit
     tuned_config = responses[0]["provenance"]["projector_config"]
     affine_config = responses[-1]["provenance"]["projector_config"]
     start = tuned_config["warm_start"]

@@ -18,6 +18,12 @@ from ..protocols import Item, ProtocolConfig
 REQUEST_TYPE = "jtc_lens"
 
 
+def _fit_spec(fields: dict, protocol: ProtocolConfig) -> FitSpec:
+    """The least-squares fit a request names (its own, its exit base's, or the tuned lens's warm start)."""
+    return FitSpec(fit_on=fields["fit_on"], protocol=protocol, n_fit=int(fields["n_fit"]), pairs=fields["pairs"],
+                   ridge=fields.get("ridge", 0.0))
+
+
 def request_from_spec(text: str, spec: dict) -> EvalRequest:
     protocol = ProtocolConfig(**spec["protocol"])
     fit = None
@@ -25,23 +31,17 @@ def request_from_spec(text: str, spec: dict) -> EvalRequest:
         from ..tuned_training import TunedRecipe
 
         recipe = TunedRecipe(**spec["recipe"])
-        start = None
-        if recipe.warm_start == "affine" and not spec.get("import_from"):
-            s = spec["start"]
-            start = FitSpec(fit_on=s["fit_on"], protocol=protocol, n_fit=int(s["n_fit"]), pairs=s["pairs"],
-                            ridge=s.get("ridge", 0.0))
+        start = _fit_spec(spec["start"], protocol) if recipe.warm_start == "affine" and not spec.get("import_from") else None
         fit = TunedSpec(fit_on=spec["fit_on"], recipe=recipe, import_from=spec.get("import_from"),
                         allow_unverified=bool(spec.get("allow_unverified_lens", False)), start=start)
     elif spec["projector"] in FITTED:
-        fit = FitSpec(fit_on=spec["fit_on"], protocol=protocol, n_fit=int(spec["n_fit"]), pairs=spec["pairs"],
-                      ridge=spec.get("ridge", 0.0))
+        fit = _fit_spec(spec, protocol)
     base = None
     if spec.get("base"):
         b = spec["base"]
         base_fit = None
         if b["projector"] in FITTED:
-            base_fit = FitSpec(fit_on=b["fit_on"], protocol=protocol, n_fit=int(b["n_fit"]), pairs=b["pairs"],
-                               ridge=b.get("ridge", 0.0))
+            base_fit = _fit_spec(b, protocol)
         base = (b["projector"], base_fit)
     return EvalRequest(
         projector=spec["projector"],
@@ -119,12 +119,10 @@ def _check_layers(asked: set, lens) -> None:
     """A task whose options name ``jtc_layers`` scores the model under that intervention, and only then: given in
     ``--metadata`` instead of ``--model_args``, it would reach the tasks while the model runs unmodified."""
     from ..layer_interventions import active_record
-    from ..layer_spec import parse_layer_spec
 
     active = active_record(lens.blocks)
     running = active["spec"] if active else None
-    for spec in asked:
-        wanted = parse_layer_spec(spec).text if spec is not None else None
+    for wanted in asked:  # the option's canonical text (options.py), or None
         if wanted is not None and wanted != running:
             raise ValueError(f"the jtc tasks' options name jtc_layers={wanted}, but the model runs "
                              + (f"under jtc_layers={running}" if running else "without a layer intervention")
