@@ -20,17 +20,17 @@ from .corpora import get_corpus
 from .distributed import SINGLE, Group
 from .encoding import ItemError, batches, encode_all
 from .fitting import FitSpec, FittedLeastSquares, TunedSpec, get_least_squares, get_tuned
-from .metrics import CONFIDENCE, LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_per_item, r2w_per_item
+from .metrics import CONFIDENCE, LENS_METRICS, R2_METRICS, final_stats, lens_metrics_from, r2_from_weighted, r2_weights
 from .models import LensModel
 from .projectors import FITTED, LEAST_SQUARES, NAMES, IdentityProjector, Projector
 from .protocols import NO_TARGET, Item, ProtocolConfig
 from .provenance import model_record, peak_memory, utc_now, versions
+from .squared_errors import SquaredErrors
 from .store import sha256_json
 from .submodules import PARTS
 
 log = logging.getLogger(__name__)
 METRICS = LENS_METRICS + R2_METRICS
-R2_PER_ITEM = {"r2": r2_per_item, "r2w": r2w_per_item}
 # Upper bound on logits materialised at once (elements): keeps memory flat for large vocabularies.
 LOGIT_BUDGET = 1 << 22
 # ...but never fewer rows than this per product: each product reads the whole unembedding (670 MB for a
@@ -336,13 +336,23 @@ class Engine:
         """Per-item values and provenance of each projector on one evaluation set (distribution, split, protocol).
         For the projectors in ``exit_keys``, also the per-position exit values of every process's items,
         under the key "exit"."""
+        lens = self.lens
+        encoded, too_short = encode_all(items, lens.tokenizer, group[2], lens.masked, self.max_length)
+        # on disk, not in memory: r^2 weighs each item's errors by the whole set's variance, known only at the end
+        sq_err = {key: SquaredErrors(len(encoded), lens.num_layers, lens.d_model) for key in projectors}
+        try:
+            return self._score_set(group, items, encoded, too_short, projectors, exit_keys, sq_err)
+        finally:
+            for errors in sq_err.values():
+                errors.close()
+
+    def _score_set(self, group: tuple, items: list[Item], encoded: list, too_short: dict, projectors: dict,
+                   exit_keys, sq_err: dict[tuple, SquaredErrors]) -> dict:
         distribution, split, protocol = group
         lens, L, d = self.lens, self.lens.num_layers, self.lens.d_model
-        encoded, too_short = encode_all(items, lens.tokenizer, protocol, lens.masked, self.max_length)
         index = {e.item_id: k for k, e in enumerate(encoded)}
         N = len(encoded)
         values = {key: {m: torch.zeros(N, L, dtype=torch.float64) for m in LENS_METRICS} for key in projectors}
-        sq_err = {key: torch.zeros(N, L, d, dtype=torch.float32) for key in projectors}
         n_pos = torch.zeros(N, dtype=torch.float64)
         n_next = torch.zeros(N, dtype=torch.float64)  # scored positions with a next token: those cross-entropy averages
         # per-item sums of the target and its square: the variance of any subset of items follows
@@ -395,7 +405,7 @@ class Engine:
                         for m, v in scores.items():
                             values[key][m].index_add_(0, owner[sl], v.T.double().cpu())
                         diff = (projected - target[None, sl]).float()
-                        sq_err[key].index_add_(0, owner[sl], (diff * diff).permute(1, 0, 2).cpu())
+                        sq_err[key].add(owner[sl], diff * diff)
         # The evaluation set is the union of every process's items; an item that reached several processes
         # counts once, for the first of them. Every process learns of every problem before any of them stops.
         gathered = self.group.gather(([(e.item_id, e.input_ids, e.positions, e.at_position_zero, e.bos_added,
@@ -420,15 +430,22 @@ class Engine:
         pos0 = torch.tensor([e.at_position_zero for e in encoded], dtype=torch.bool)
         scored = torch.tensor([e.item_id not in dropped for e in encoded], dtype=torch.bool)
         var = self._set_variance(t_sum, t_sq, n_pos, mine)
+        var_without_pos0 = self._set_variance(t_sum, t_sq, n_pos, mine & ~pos0)
+        # one read of each projector's errors: r^2 and r2w against the whole set's variance, then without position 0
+        weighted = {key: sq_err[key].weighted_sums(torch.cat([r2_weights(var), r2_weights(var_without_pos0)], dim=1))
+                    for key in projectors}
+        r2 = {key: {m: r2_from_weighted(w[..., i], n_pos) for i, m in enumerate(R2_METRICS)} for key, w in weighted.items()}
+        r2_without_pos0 = {key: {m: r2_from_weighted(w[..., len(R2_METRICS) + i], n_pos) for i, m in enumerate(R2_METRICS)}
+                           for key, w in weighted.items()}
         # dropped items have no position, and items drawn at their last token no cross-entropy: those values are
         # not reported (lm-eval then leaves them out of the means), never reported as 0
         divisor = {m: (n_next if m == "xent" else n_pos).clamp_min(1)[:, None] for m in LENS_METRICS}
         present = {"xent": n_next > 0}
         item_values = {key: {**{m: values[key][m] / divisor[m] for m in LENS_METRICS},
-                             **{m: f(sq_err[key], n_pos.clamp_min(1), var) for m, f in R2_PER_ITEM.items()}}
+                             **r2[key]}
                        for key in projectors}
         n_pos0 = sum(1 for rec in union if rec[3])
-        without_pos0 = self._means_without_position_0(mine & ~pos0, t_sum, t_sq, n_pos, sq_err, item_values, present)
+        without_pos0 = self._means_without_position_0(mine & ~pos0, r2_without_pos0, item_values, present)
         prov = self._group_provenance(group, union, n_pos0)
         prov["items_skipped"] = {"too_short": sorted(too_short_all), "nonfinite": sorted(dropped)}
         prov["on_nonfinite"] = self.on_nonfinite
@@ -501,11 +518,10 @@ class Engine:
             raise ItemError(f"{where}: the processes have values of different metrics ({detail}), which lm-eval cannot "
                             "combine; some process has no scorable item (or no item with a next token). Run with fewer processes")
 
-    def _means_without_position_0(self, rows: torch.Tensor, t_sum, t_sq, n_pos, sq_err, item_values, present) -> dict:
+    def _means_without_position_0(self, rows: torch.Tensor, r2_of_rows: dict, item_values, present) -> dict:
         """Per projector, every metric's per-layer mean over the items not scored at position 0 (``rows``: this
         process's share of them) that have a value of it, summed over processes. r^2 is taken against the
-        variance of those items."""
-        var = self._set_variance(t_sum, t_sq, n_pos, rows)
+        variance of those items (``r2_of_rows``: per-item r^2 under that variance)."""
         keys = list(item_values)
         metrics = list(item_values[keys[0]]) if keys else []
         sums = torch.zeros(len(keys), len(metrics), self.lens.num_layers, dtype=torch.float64)
@@ -514,10 +530,8 @@ class Engine:
             chosen = rows & present[m] if m in present else rows
             counts[i] = chosen.sum()
             for j, key in enumerate(keys):
-                if m in R2_PER_ITEM:
-                    sums[j, i] = R2_PER_ITEM[m](sq_err[key][chosen], n_pos[chosen], var).sum(0) if chosen.any() else 0.0
-                else:
-                    sums[j, i] = item_values[key][m][chosen].sum(0)
+                source = r2_of_rows[key] if m in R2_METRICS else item_values[key]
+                sums[j, i] = source[m][chosen].sum(0)
         self.group.sum_([sums, counts])
         n = int(counts[metrics.index("p@1")].item()) if metrics else 0
         out = {}

@@ -106,6 +106,23 @@ def squared_errors(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (diff * diff).sum(dim=1)
 
 
+def r2_weights(target_var: torch.Tensor) -> torch.Tensor:
+    """(d, 2): per-coordinate weights of squared errors for ``r2`` and ``r2w`` (the order of R2_METRICS), so that an item's value is
+    1 - (sum_j sq_err_j w_j) / n_positions. ``r2``: w_j = 1 / (d var_j), the mean over coordinates of SSE_j / SST_j;
+    ``r2w``: w_j = 1 / sum_k var_k, so a coordinate of nearly constant target (var ~ 0) cannot send the value to
+    minus thousands; each counts by its share of the variance. var_j is the population variance of target
+    coordinate j over all positions of the evaluation set."""
+    var = target_var.double()
+    per_coordinate = 1.0 / (var.clamp_min(1e-12) * var.numel())
+    pooled = torch.full_like(var, 1.0 / float(var.sum().clamp_min(1e-12)))
+    return torch.stack([per_coordinate, pooled], dim=1)
+
+
+def r2_from_weighted(weighted: torch.Tensor, n_positions: torch.Tensor) -> torch.Tensor:
+    """Per-item r^2 (N, S) from weighted squared-error sums (N, S) (see ``r2_weights``)."""
+    return 1.0 - weighted / n_positions.double().clamp_min(1)[:, None]
+
+
 def r2_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
     """Per-item r^2, (N, S), whose mean over items of equal size is the coefficient of determination.
 
@@ -113,20 +130,12 @@ def r2_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: tor
     1 - mean_j (sq_err_ij / n_i) / var_j, with var_j the population variance of target coordinate j
     over all positions of the evaluation set, the mean over items reproduces it exactly.
     """
-    var = target_var.double().clamp_min(1e-12)
-    mse = sq_err.double() / n_positions.double()[:, None, None]
-    return 1.0 - (mse / var).mean(dim=-1)
+    return r2_from_weighted(sq_err.double() @ r2_weights(target_var)[:, 0], n_positions)
 
 
 def r2w_per_item(sq_err: torch.Tensor, n_positions: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
-    """Per-item variance-weighted r^2, (N, S), whose mean over items of equal size is 1 - sum_j SSE_j / sum_j SST_j.
-
-    Unlike ``r2_per_item`` no coordinate is divided by its own variance, so a coordinate of nearly constant
-    target (variance ~ 0) cannot send the value to minus thousands; each counts by its share of the variance.
-    """
-    total_var = target_var.double().sum().clamp_min(1e-12)
-    mse = sq_err.double().sum(dim=-1) / n_positions.double()[:, None]
-    return 1.0 - mse / total_var
+    """Per-item variance-weighted r^2, (N, S), whose mean over items of equal size is 1 - sum_j SSE_j / sum_j SST_j."""
+    return r2_from_weighted(sq_err.double() @ r2_weights(target_var)[:, 1], n_positions)
 
 
 def r2_pooled(projected: torch.Tensor, target: torch.Tensor, weighted: bool = False) -> torch.Tensor:
