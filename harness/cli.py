@@ -163,6 +163,29 @@ def _tuned(args) -> int:
     return 0
 
 
+def _claims(args) -> int:
+    """Test the paper's claims on every model of the runs (from their samples), write the record, print its table."""
+    from ..leaderboard import claims
+
+    from .store import atomic_write_json
+
+    record = claims.evaluate(args.results, distributions=tuple(args.distributions.split(",")), seed=args.seed,
+                             n_resamples=args.resamples)
+    errors = [f"{m['name']} {key} {dist}: {res['error']}" for m in record["models"] for key, by in m["claims"].items()
+              for dist, res in by.items() if "error" in res]
+    atomic_write_json(Path(args.output), record)
+    print(claims.markdown(record))
+    for e in errors:
+        print(f"jtc claims: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _results_page(args) -> int:
+    from ..leaderboard import results_page
+
+    return results_page.main(args.results, args.claims, args.update)
+
+
 def _leaderboard(args) -> int:
     # the analysis side defines its own options; it is imported only for this command
     from ..leaderboard.build import main as leaderboard_main
@@ -218,6 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     tuned.add_argument("--out", required=True, help="folder for config.json and params.pt")
     options.add_flags(tuned, TUNED_EXPORT_OPTIONS, typed=True)
     tuned.set_defaults(func=_tuned)
+    claims = sub.add_parser("claims", help="test the paper's claims per model from the runs' samples; write the record (JSON)")
+    claims.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl")
+    claims.add_argument("--output", required=True, help="the claims record to write (JSON)")
+    claims.add_argument("--distributions", default="wikipedia,news")
+    claims.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
+    claims.add_argument("--resamples", type=int, default=2000)
+    claims.set_defaults(func=_claims)
+    page = sub.add_parser("results-page", help="the results section across models (summary, claims, per-layer tables) "
+                          "from results files and a claims record")
+    page.add_argument("results", nargs="+", help="folders of results_*.json (samples not needed)")
+    page.add_argument("--claims", required=True, help="the record written by jtc claims")
+    page.add_argument("--update", help="replace the generated section of this Markdown file instead of printing it")
+    page.set_defaults(func=_results_page)
     leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results; "
                                  "jtc leaderboard --help for its options", add_help=False, prefix_chars="\0")
     leaderboard.add_argument("argv", nargs=argparse.REMAINDER)  # every argument goes to leaderboard.build

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The paper-size runs behind docs/results.md: four bundled models and the SmolLM2 random-weights control.
+#   main      Wikipedia and news, 9,000 fit / 3,000 evaluation items (the paper's counts), lens and exit tasks
+#   transfer  mat fitted on Wikipedia, evaluated on the same 3,000 news items
+#   others    the other five distributions, 9,000 fit / 1,000 evaluation items
+# Each phase is a resumable `jtc sweep`: a model that finished with the same request is skipped, and fitted or
+# trained projectors come from the cache, so an interrupted run continues where it stopped.
+# Usage: bash scripts/run-paper.sh OUT [PHASE:MODEL ...]   (default: every phase of every model, cheapest first)
+# Run inside an environment with the project installed (pip install . and the packages of requirements/).
+set -euo pipefail
+out=${1:?usage: run-paper.sh OUT [PHASE:MODEL ...]}
+shift
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+small="smollm2-135m smollm2-135m:random gemma3-270m qwen2.5-coder-0.5b"
+if [ $# -eq 0 ]; then
+    set --
+    for phase in main transfer; do for m in $small; do set -- "$@" "$phase:$m"; done; done
+    set -- "$@" main:qwen2.5-coder-1.5b transfer:qwen2.5-coder-1.5b
+    for m in $small qwen2.5-coder-1.5b; do set -- "$@" "others:$m"; done
+fi
+lens() { local d t=""; for d in "$@"; do t="$t,jtc_id_$d,jtc_mat_$d,jtc_affine_$d,jtc_tuned_$d,jtc_exit_id_$d,jtc_exit_mat_$d,jtc_exit_tuned_$d"; done; echo "${t#,}"; }
+tuned=(--token-budget 65536 --tokens-per-step 1024 --tuned-chunk-len 128)
+for job in "$@"; do
+    phase=${job%%:*} model=${job#*:}
+    case $phase in
+        main) args=(--tasks "$(lens wikipedia news)" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
+        transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
+        others) args=(--tasks "$(lens fiction speeches code technical dialogue)" --n-eval 1000 --n-fit 9000 "${tuned[@]}") ;;
+        *) echo "unknown phase $phase (main, transfer, others)" >&2; exit 2 ;;
+    esac
+    echo "== $(date -u +%FT%TZ) $phase $model"
+    jtc sweep --models "$model" --output_path "$out/$phase" --no-leaderboard "${args[@]}"
+done

@@ -1,0 +1,82 @@
+"""The claims table across models and the generated results section, on runs with planted effects."""
+
+import json
+
+import fake_runs
+from jtc_lens.harness import cli
+from jtc_lens.leaderboard import claims, results_page
+
+L, N = 8, 40
+
+
+def _set(metric, value, layers=range(L)):
+    def edit(row):
+        for l in layers:
+            row[f"{metric}.L{l}"] = value(row) if callable(value) else value
+    return edit
+
+
+def _model(root, name, model_id, mat_beats_id: bool, tuned_worse_at_0: bool):
+    main = fake_runs.write_run(root / "main" / name, [("id", d, None) for d in ("wikipedia", "news")]
+                               + [(p, d, d) for p in ("mat", "affine", "tuned") for d in ("wikipedia", "news")],
+                               n_items=N, layers=L, model_name=name, model_id=model_id)
+    moved = fake_runs.write_run(root / "transfer" / name, [("mat", "news", "wikipedia")], n_items=N, layers=L,
+                                model_name=name, model_id=model_id)
+    for d in ("wikipedia", "news"):
+        fake_runs.edit_samples(main, f"jtc_id_{d}", _set("p@1", 0.0))
+        fake_runs.edit_samples(main, f"jtc_mat_{d}", _set("p@1", 1.0 if mat_beats_id else 0.0))
+        for p in ("mat", "affine", "tuned"):
+            fake_runs.edit_samples(main, f"jtc_{p}_{d}", _set("kl", 1.0))
+        if tuned_worse_at_0:
+            fake_runs.edit_samples(main, f"jtc_tuned_{d}", _set("kl", lambda row: 2.0 + 0.01 * row["doc_id"], layers=[0]))
+    fake_runs.edit_samples(moved, "jtc_mat_news", _set("p@1", lambda row: float(row["doc_id"] % 4 == 0)))
+    return main, moved
+
+
+def test_claims_hold_and_fail_where_the_effects_were_planted(tmp_path):
+    _model(tmp_path, "model-good", "good0000000001", mat_beats_id=True, tuned_worse_at_0=False)
+    _model(tmp_path, "model-bad", "bad00000000001", mat_beats_id=False, tuned_worse_at_0=True)
+    record = claims.evaluate([tmp_path / "main", tmp_path / "transfer"], n_resamples=500)
+    by = {m["name"]: m["claims"] for m in record["models"]}
+    good, bad = by["model-good"], by["model-bad"]
+    for d in ("wikipedia", "news"):
+        assert good["mat_over_id"][d]["holds"] and good["mat_over_id"][d]["significantly_above"] == list(range(L))
+        assert good["mat_over_id"][d]["test"] == "mcnemar-exact"
+        assert not bad["mat_over_id"][d]["holds"] and bad["mat_over_id"][d]["significantly_above"] == []
+        assert good["tuned_vs_mat"][d]["holds"] and good["affine_vs_mat"][d]["holds"]
+        assert not bad["tuned_vs_mat"][d]["holds"] and bad["tuned_vs_mat"][d]["significantly_above"] == [0]
+    # Wikipedia-fitted mat right on a quarter of the items, against news-fitted mat: all (good) or none (bad)
+    assert good["transfer"]["news"]["holds"] and abs(good["transfer"]["news"]["diff"] + 0.75) < 1e-9
+    assert not bad["transfer"]["news"]["holds"] and abs(bad["transfer"]["news"]["diff"] - 0.25) < 1e-9
+    assert good["transfer"]["news"]["sources"][0]["fit_on"] == "wikipedia"
+    table = claims.markdown(record)
+    row = next(line for line in table.splitlines() if line.startswith("| mat reads") and "| wikipedia |" in line)
+    assert "**holds**: above at 8/8 layers" in row and "**fails**: above at 0/8 layers" in row
+
+
+def test_a_missing_sample_is_an_error_in_the_record_and_the_command_fails(tmp_path, capsys):
+    main, _ = _model(tmp_path, "model-good", "good0000000001", mat_beats_id=True, tuned_worse_at_0=False)
+    path = fake_runs.samples_file(main, "jtc_id_news")
+    path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")
+    out = tmp_path / "claims.json"
+    assert cli.main(["claims", str(tmp_path / "main"), str(tmp_path / "transfer"), "--output", str(out),
+                     "--resamples", "200"]) == 1
+    record = json.loads(out.read_text())
+    assert "samples" in record["models"][0]["claims"]["mat_over_id"]["news"]["error"]
+    assert "mat_over_id news" in capsys.readouterr().err
+
+
+def test_the_results_section_is_regenerated_between_its_markers(tmp_path):
+    _model(tmp_path, "model-good", "good0000000001", mat_beats_id=True, tuned_worse_at_0=False)
+    runs = [str(tmp_path / "main"), str(tmp_path / "transfer")]
+    record_file = tmp_path / "claims.json"
+    assert cli.main(["claims", *runs, "--output", str(record_file), "--resamples", "200"]) == 0
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nWritten by hand.\n")
+    for _ in range(2):  # the second run replaces the section, it does not add another
+        assert cli.main(["results-page", *runs, "--claims", str(record_file), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nWritten by hand.\n") and text.count(results_page.BEGIN) == 1
+    assert "| model-good | 8 | 40 |" in text  # the summary row: layers and items
+    assert "| 7 | 0.88 |" in text  # the per-layer table: layer 7 at depth 7/8
+    assert "jtc results-page" in text and "**holds**" in text
