@@ -183,7 +183,7 @@ def _claims(args) -> int:
 def _results_page(args) -> int:
     from ..leaderboard import results_page
 
-    return results_page.main(args.results, args.claims, args.update)
+    return results_page.main(args.results, args.claims, args.update, args.section)
 
 
 def _leaderboard(args) -> int:
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     page = sub.add_parser("results-page", help="the results section across models (summary, claims, per-layer tables) "
                           "from results files and a claims record")
     page.add_argument("results", nargs="+", help="folders of results_*.json (samples not needed)")
-    page.add_argument("--claims", required=True, help="the record written by jtc claims")
+    page.add_argument("--claims", help="the record written by jtc claims (the results section)")
+    page.add_argument("--section", default="results", choices=("results", "cost"),
+                      help="results: summary, claims and per-layer tables; cost: run time and peak memory per run")
     page.add_argument("--update", help="replace the generated section of this Markdown file instead of printing it")
     page.set_defaults(func=_results_page)
     leaderboard = sub.add_parser("leaderboard", help="static HTML leaderboard (rankings, charts, paired tests) from lm-eval results; "

@@ -56,18 +56,29 @@ CLAIMS = (
 LAYERED = {"mat_over_id": ("mat", "id", "p@1"), "affine_vs_mat": ("affine", "mat", "kl"), "tuned_vs_mat": ("tuned", "mat", "kl")}
 
 
-def _source(t: TaskRun) -> dict:
+def relative(path: Path, roots: list[str | Path]) -> str:
+    """``path`` relative to the parent of the folder given on the command line that holds it: names the run's folder."""
+    for root in roots:
+        base = Path(root).resolve()
+        try:
+            return str(path.resolve().relative_to(base.parent))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _source(t: TaskRun, roots: list) -> dict:
     """Where a tested value comes from: the results file and what makes its number what it is."""
     prov = t.provenance
     versions = prov.get("versions") or {}
-    return {"task": t.task, "results_file": t.results_file.name, "run": t.results_file.parent.parent.name,
+    return {"task": t.task, "results_file": relative(t.results_file, roots),
             "items": t.items, "fit_items": t.fit_items, "fit_on": t.fit_on or (t.distribution if t.projector != "id" else None),
             "corpus_sha256": prov.get("corpus_sha256"), "items_data_sha256": prov.get("items_data_sha256"),
             "seed": prov.get("seed"), "protocol": prov.get("protocol"),
             "jtc_lens_source_sha256": versions.get("jtc-lens source sha256")}
 
 
-def _layered(fam: Family, key: str, L: int) -> dict:
+def _layered(fam: Family, key: str, L: int, roots: list) -> dict:
     """A per-layer family's rows and verdict."""
     if fam.error:
         return {"error": fam.error}
@@ -84,10 +95,10 @@ def _layered(fam: Family, key: str, L: int) -> dict:
         figure = {}
     return {"holds": holds, "test": fam.test, "alpha": fam.alpha, "correction": "holm", "resamples": fam.n_resamples,
             "significantly_above": above, "significantly_below": below, "layers": rows, **figure,
-            "sources": [_source(fam.a), _source(fam.b)]}
+            "sources": [_source(fam.a, roots), _source(fam.b, roots)]}
 
 
-def _transfer(moved: TaskRun, native: TaskRun, cache: SampleCache, n_resamples: int, seed: int) -> dict:
+def _transfer(moved: TaskRun, native: TaskRun, cache: SampleCache, n_resamples: int, seed: int, roots: list) -> dict:
     """Wikipedia-fitted minus news-fitted mat on the same news items, per-item P@1 averaged over layers."""
     try:
         sa, sb = cache.get(moved, ("p@1",)), cache.get(native, ("p@1",))
@@ -103,10 +114,10 @@ def _transfer(moved: TaskRun, native: TaskRun, cache: SampleCache, n_resamples: 
     diff = float(np.mean(a - b))
     return {"holds": high < 0 and p < 0.05, "test": "sign-flip", "alpha": 0.05, "items": len(ids), "resamples": n_resamples,
             "a": float(a.mean()), "b": float(b.mean()), "diff": diff, "ci": [low, high], "p": p,
-            "sources": [_source(moved), _source(native)]}
+            "sources": [_source(moved, roots), _source(native, roots)]}
 
 
-def _exit(m_key: str, loaded, distribution: str) -> dict | None:
+def _exit(m_key: str, loaded, distribution: str, roots: list) -> dict | None:
     run = next((e for e in loaded.exits if e.model_key == m_key and e.projector == "mat" and e.distribution == distribution
                 and e.base == "id"), None)
     if run is None or "0.95" not in run.paired:
@@ -120,7 +131,7 @@ def _exit(m_key: str, loaded, distribution: str) -> dict | None:
     return {"holds": low > 0, "test": "paired bootstrap", "diff": paired.get("difference"), "ci": [low, high],
             "resamples": paired.get("resamples"), "a": run.saved.get("0.95"), "b": base.saved.get("0.95") if base else None,
             "items": run.items,
-            "sources": [{"task": run.task, "results_file": run.results_file.name, "run": run.results_file.parent.parent.name,
+            "sources": [{"task": run.task, "results_file": relative(run.results_file, roots),
                          "items": run.items, "corpus_sha256": prov.get("corpus_sha256"), "seed": prov.get("seed"),
                          "jtc_lens_source_sha256": (prov.get("versions") or {}).get("jtc-lens source sha256")}]}
 
@@ -145,13 +156,13 @@ def evaluate(paths: list[str | Path], distributions: tuple[str, ...] = ("wikiped
                 if a in present and b in present:
                     fam = family(m.name, present[a], present[b], metric, cache, alpha=alpha,
                                  n_resamples=resamples_for(m.num_layers, alpha, n_resamples), seed=seed)
-                    entry["claims"].setdefault(key, {})[dist] = {"metric": metric, **_layered(fam, key, m.num_layers)}
+                    entry["claims"].setdefault(key, {})[dist] = {"metric": metric, **_layered(fam, key, m.num_layers, paths)}
         moved = next((t for t in m.tasks if t.projector == "mat" and t.distribution == "news" and t.fit_on == "wikipedia"), None)
         native = next((t for t in m.in_distribution("news") if t.projector == "mat"), None)
         if moved is not None and native is not None:
-            entry["claims"]["transfer"] = {"news": {"metric": "p@1", **_transfer(moved, native, cache, n_resamples, seed)}}
+            entry["claims"]["transfer"] = {"news": {"metric": "p@1", **_transfer(moved, native, cache, n_resamples, seed, paths)}}
         for dist in distributions:
-            found = _exit(m.key, loaded, dist)
+            found = _exit(m.key, loaded, dist, paths)
             if found is not None:
                 entry["claims"].setdefault("exit", {})[dist] = {"metric": "saved@95", **found}
         out_models.append(entry)

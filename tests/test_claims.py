@@ -48,7 +48,8 @@ def test_claims_hold_and_fail_where_the_effects_were_planted(tmp_path):
     # Wikipedia-fitted mat right on a quarter of the items, against news-fitted mat: all (good) or none (bad)
     assert good["transfer"]["news"]["holds"] and abs(good["transfer"]["news"]["diff"] + 0.75) < 1e-9
     assert not bad["transfer"]["news"]["holds"] and abs(bad["transfer"]["news"]["diff"] - 0.25) < 1e-9
-    assert good["transfer"]["news"]["sources"][0]["fit_on"] == "wikipedia"
+    moved = good["transfer"]["news"]["sources"][0]
+    assert moved["fit_on"] == "wikipedia" and moved["results_file"].startswith("transfer/model-good/results_")
     table = claims.markdown(record)
     row = next(line for line in table.splitlines() if line.startswith("| mat reads") and "| wikipedia |" in line)
     assert "**holds**: above at 8/8 layers" in row and "**fails**: above at 0/8 layers" in row
@@ -76,7 +77,11 @@ def test_the_results_section_is_regenerated_between_its_markers(tmp_path):
     for _ in range(2):  # the second run replaces the section, it does not add another
         assert cli.main(["results-page", *runs, "--claims", str(record_file), "--update", str(doc)]) == 0
     text = doc.read_text()
-    assert text.startswith("# Results\n\nWritten by hand.\n") and text.count(results_page.BEGIN) == 1
+    assert text.startswith("# Results\n\nWritten by hand.\n") and text.count(results_page.markers("results")[0]) == 1
     assert "| model-good | 8 | 40 |" in text  # the summary row: layers and items
     assert "| 7 | 0.88 |" in text  # the per-layer table: layer 7 at depth 7/8
     assert "jtc results-page" in text and "**holds**" in text
+    assert cli.main(["results-page", *runs, "--section", "cost", "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "| model-good | main | 8 | 80 |" in text and "0.4 GiB" in text  # 8 tasks, 2 sets of 40 items, 400 MiB
+    assert text.count(results_page.markers("results")[0]) == 1 and text.count(results_page.markers("cost")[0]) == 1
