@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 small="smollm2-135m smollm2-135m:random gemma3-270m qwen2.5-coder-0.5b"
 if [ $# -eq 0 ]; then
     set --
-    for phase in main transfer; do for m in $small; do set -- "$@" "$phase:$m"; done; done
+    for m in $small; do set -- "$@" "main:$m" "transfer:$m"; done
     set -- "$@" main:qwen2.5-coder-1.5b transfer:qwen2.5-coder-1.5b
     for m in $small qwen2.5-coder-1.5b; do set -- "$@" "others:$m"; done
 fi
