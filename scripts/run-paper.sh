@@ -3,9 +3,10 @@
 #   main      Wikipedia and news, 9,000 fit / 3,000 evaluation items (the paper's counts), lens and exit tasks
 #   transfer  mat fitted on Wikipedia, evaluated on the same 3,000 news items
 #   others    the other five distributions, 9,000 fit / 1,000 evaluation items, without the tuned lens
-# The warm tuned lens trains for 8 steps of 1,024 tokens from the affine map: every step reads every layer through
-# the unembedding for each token (6 L V d flops per token: 20 min per distribution for Gemma 3's 262k vocabulary),
-# so the published recipe's budget is out of reach on a CPU; keep-best on held-out items keeps it from ending worse.
+# The warm tuned lens starts from the affine map, takes its preconditioner from 8,192 stream tokens and trains 8
+# steps of 1,024 tokens: every step reads every layer through the unembedding for each token (6 L V d flops per
+# token: 15-35 min per distribution for the 150k-262k vocabularies), so the published recipe's budget is out of
+# reach on a CPU; keep-best on held-out items keeps it from ending worse than its start.
 # Each phase is a resumable `jtc sweep`: a model that finished with the same request is skipped, and fitted or
 # trained projectors come from the cache, so an interrupted run continues where it stopped.
 # Usage: bash scripts/run-paper.sh OUT [PHASE:MODEL ...]   (default: every phase of every model, cheapest first)
@@ -26,7 +27,7 @@ if [ $# -eq 0 ]; then
 fi
 lens() { local d t=""; for d in "$@"; do t="$t,jtc_id_$d,jtc_mat_$d,jtc_affine_$d,jtc_tuned_$d,jtc_exit_id_$d,jtc_exit_mat_$d,jtc_exit_tuned_$d"; done; echo "${t#,}"; }
 untuned() { local d t=""; for d in "$@"; do t="$t,jtc_id_$d,jtc_mat_$d,jtc_affine_$d,jtc_exit_id_$d,jtc_exit_mat_$d"; done; echo "${t#,}"; }
-tuned=(--token-budget 8192 --tokens-per-step 1024 --tuned-chunk-len 128)
+tuned=(--token-budget 16384 --warm-fit-tokens 8192 --tokens-per-step 1024 --tuned-chunk-len 128)
 for job in "$@"; do
     phase=${job%%:*} model=${job#*:}
     case $phase in
