@@ -42,8 +42,9 @@ def summary(paths: list[str | Path], distributions: tuple[str, ...]) -> str:
 
 
 def cost(paths: list[str | Path]) -> str:
-    """Per results file (model and run folder): lm-eval's wall time, the fits' and the tuned lenses' share of it as
-    recorded (also when a later run took them from the cache), and the peak host memory of its processes."""
+    """Per results file (model and run folder): lm-eval's wall time, the time the fits and the tuned lenses took when
+    they were made (a resumed run takes them from the cache: then not part of its wall time), and the peak host
+    memory of its processes."""
     from .read import load as load_runs
 
     rows = []
@@ -64,7 +65,7 @@ def cost(paths: list[str | Path]) -> str:
             items[t.distribution] = t.items
         first = tasks[0]
         rows.append(((first.n_params or 0), Path(claims.relative(run.results_file, paths)).parts[0], first.model_name, run, data, fits, tuned, peak, items))
-    out = ["| model | run | tasks | evaluation items | lm_eval wall time | of which fits | of which tuned training | peak host memory |",
+    out = ["| model | run | tasks | evaluation items | lm_eval wall time | fitting mat/affine | training the tuned lens | peak host memory |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, folder, _, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1])):
         name = models(run.tasks)[0].name
@@ -114,7 +115,7 @@ def main(results: list[str], claims_file: str | None, doc: str | None, section: 
     text = render(results, record, command, section)
     if doc:
         update(Path(doc), text, section)
-        print(f"{doc}: results section updated")
+        print(f"{doc}: {section} section updated")
     else:
         print(text)
     return 0
