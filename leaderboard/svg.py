@@ -125,7 +125,10 @@ def line_chart(
 ) -> Markup:
     """One polyline per series (and nothing else drawn as a polyline, so lines can be counted)."""
     marks = marks or []
-    left, right, top = 58, 126, 14  # the right margin holds the legend and the strip labels
+    legend = legend_labels([s.label.partition(" (")[0] for s in series])
+    # the right margin holds the legend and the strip labels: wide enough for the longest legend label
+    left, top = 58, 14
+    right = max(126, 40 + math.ceil(LEGEND_CHAR_PX * max((len(t) for t in legend), default=0)))
     strip = 20 * len(marks) + (8 if marks else 0)  # significance rows below the x axis
     pw, ph = width - left - right, height - top - 44
     total_h = height + strip
@@ -183,12 +186,12 @@ def line_chart(
 
     # legend to the right of the plot; a parenthesised part (a transfer fit) goes on a second line
     lx, y = left + pw + 10, top + 8
-    for s in series:
+    for s, shown in zip(series, legend):
         colour, dash = s.style
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         out.append(f'<line x1="{lx}" x2="{lx + 24}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="2.5"{dash_attr}/>')
-        head, _, rest = s.label.partition(" (")
-        out.append(f'<text class="legend" x="{lx + 30}" y="{y + 4}">{escape(_short(head, 11))}<title>{escape(s.label)}</title></text>')
+        rest = s.label.partition(" (")[2]
+        out.append(f'<text class="legend" x="{lx + 30}" y="{y + 4}">{escape(shown)}<title>{escape(s.label)}</title></text>')
         if rest:
             y += 14
             out.append(f'<text class="legend-sub" x="{lx + 30}" y="{y + 4}">{escape(_short("(" + rest, 17))}</text>')
@@ -207,6 +210,23 @@ def line_chart(
             out.append(f'<text class="star" x="{_num(X(x))}" y="{y + 4.5}" text-anchor="middle">★<title>{escape(tip)}</title></text>')
     out.append("</svg>")
     return Markup("\n".join(out))
+
+
+LEGEND_CHAR_PX = 7.0  # width of a legend character at its 12.5 px font, generously
+LEGEND_MAX_CHARS = 22  # beyond this a label is shortened (its full text stays in the tooltip)
+
+
+def legend_labels(heads: list[str]) -> list[str]:
+    """The legend's text for each series: whole up to LEGEND_MAX_CHARS characters; longer ones lose their middle,
+    which keeps apart names that share a long prefix (``model`` and ``model:random:0``)."""
+    out = []
+    for h in heads:
+        if len(h) <= LEGEND_MAX_CHARS:
+            out.append(h)
+        else:
+            keep = LEGEND_MAX_CHARS - 1
+            out.append(h[: keep - keep // 2] + "…" + h[len(h) - keep // 2:])
+    return out
 
 
 def _short(text: str, n: int) -> str:

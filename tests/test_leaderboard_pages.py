@@ -89,3 +89,19 @@ def test_the_landing_page_compares_models_by_size_with_the_random_control_last(t
     mat_small = json.loads(small.read_text())["results"]["jtc_mat_wikipedia"]["p@1,none"]
     assert f"{mat_small:.3f}" in section
     assert section.count('class="metric-chart"') == 2  # P@1 against depth for id and for mat, a line per model
+
+
+def test_legend_keeps_models_with_a_common_prefix_apart():
+    import re
+
+    from jtc_lens.leaderboard import svg
+
+    names = ["smollm2-135m", "smollm2-135m:random:0", "qwen2.5-coder-1.5b-instruct-long-name:random:12"]
+    chart = str(svg.line_chart([svg.Series(n, [0.0, 1.0], [0.1, 0.2], index=k) for k, n in enumerate(names)],
+                               title="t", x_label="x", y_label="y"))
+    shown = re.findall(r'<text class="legend"[^>]*>([^<]*)<title>', chart)
+    assert shown[:2] == names[:2]  # whole: the random control is not cut back to its model's name
+    assert len(set(shown)) == 3 and len(shown[2]) == svg.LEGEND_MAX_CHARS and shown[2].endswith(":random:12")
+    width = int(re.search(r'viewBox="0 0 (\d+) ', chart).group(1))
+    plot_right = max(float(x) for x in re.findall(r'<rect class="frame" x="([\d.]+)"', chart))
+    assert width >= 600 and plot_right < width  # the legend's margin grew, the plot shrank to make room
