@@ -212,7 +212,7 @@ def line_chart(
     return Markup("\n".join(out))
 
 
-LEGEND_CHAR_PX = 7.0  # width of a legend character at its 12.5 px font, generously
+LEGEND_CHAR_PX = 8.0  # width of a legend character at its 12.5 px font (DejaVu Sans: about 7.5), generously
 LEGEND_MAX_CHARS = 22  # beyond this a label is shortened (its full text stays in the tooltip)
 
 
