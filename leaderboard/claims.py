@@ -17,7 +17,7 @@ import numpy as np
 from jtc_lens.harness.stats import paired_bootstrap_ci, pair_by_id, sign_flip_pvalue
 
 from .read import SampleCache, TaskRun, load
-from .tables import Family, family, is_random_control, item_contents, models, resamples_for
+from .tables import Family, by_size, family, item_contents, models
 
 FORMAT = "jtc-claims-1"
 EARLY_DEPTH = 0.9  # mat over id is required in the first 90% of depth: the paper's "every layer up to 44" of 48
@@ -144,8 +144,7 @@ def evaluate(paths: list[str | Path], distributions: tuple[str, ...] = ("wikiped
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
     cache = SampleCache()
     out_models = []
-    ordered = sorted(models(loaded.tasks), key=lambda m: (is_random_control(m), m.n_params or 0, m.name))
-    for m in ordered:
+    for m in by_size(models(loaded.tasks)):
         record = m.record or {}
         entry = {"name": m.name, "key": m.key, "num_layers": m.num_layers, "d_model": m.d_model, "params": m.params_text,
                  "random_init": record.get("random_init"), "weights": record.get("weights"),
@@ -154,8 +153,8 @@ def evaluate(paths: list[str | Path], distributions: tuple[str, ...] = ("wikiped
             for dist in distributions:
                 present = {t.projector: t for t in m.in_distribution(dist)}
                 if a in present and b in present:
-                    fam = family(m.name, present[a], present[b], metric, cache, alpha=alpha,
-                                 n_resamples=resamples_for(m.num_layers, alpha, n_resamples), seed=seed)
+                    # family() raises the resamples to what Holm needs over the model's layers (resamples_for)
+                    fam = family(m.name, present[a], present[b], metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
                     entry["claims"].setdefault(key, {})[dist] = {"metric": metric, **_layered(fam, key, m.num_layers, paths)}
         moved = next((t for t in m.tasks if t.projector == "mat" and t.distribution == "news" and t.fit_on == "wikipedia"), None)
         native = next((t for t in m.in_distribution("news") if t.projector == "mat"), None)

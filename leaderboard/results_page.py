@@ -11,7 +11,7 @@ from jtc_lens.harness.store import atomic_write_bytes
 
 from . import claims, scales
 from .read import load
-from .tables import is_random_control, models, projector_sort_key
+from .tables import across, models
 
 SECTIONS = ("results", "cost")
 
@@ -22,20 +22,19 @@ def markers(section: str) -> tuple[str, str]:
 
 def summary(paths: list[str | Path], distributions: tuple[str, ...]) -> str:
     """Per distribution, a row per model (by size, controls last): P@1 and KL averaged over layers, per projector."""
-    ordered = sorted(models(load(paths).tasks), key=lambda m: (is_random_control(m), m.n_params or 0, m.name))
+    all_models = models(load(paths).tasks)
     out = []
     for dist in distributions:
-        rows = [(m, {t.projector: t for t in m.in_distribution(dist)}) for m in ordered]
-        rows = [(m, by) for m, by in rows if by]
-        if not rows:
+        view = across(all_models, dist)
+        view.rows = [(m, by) for m, by in view.rows if by]  # a model with only a transfer run of it has no row here
+        if not view.rows:
             continue
-        projectors = sorted({p for _, by in rows for p in by}, key=projector_sort_key)
         out.append(f"**{dist}**, mean over layers (P@1 / KL in nats):\n")
-        out.append("| model | layers | items | " + " | ".join(projectors) + " |")
-        out.append("|---|---:|---:|" + "---:|" * len(projectors))
-        for m, by in rows:
+        out.append("| model | layers | items | " + " | ".join(view.projectors) + " |")
+        out.append("|---|---:|---:|" + "---:|" * len(view.projectors))
+        for m, by in view.rows:
             first = next(iter(by.values()))
-            cells = [f"{by[p].means['p@1']:.3f} / {by[p].means['kl']:.2f}" if p in by else "–" for p in projectors]
+            cells = [f"{by[p].means['p@1']:.3f} / {by[p].means['kl']:.2f}" if p in by else "–" for p in view.projectors]
             out.append(f"| {m.name} | {m.num_layers} | {first.items} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -45,12 +44,10 @@ def cost(paths: list[str | Path]) -> str:
     """Per results file (model and run folder): lm-eval's wall time, the time the fits and the tuned lenses took when
     they were made (a resumed run takes them from the cache: then not part of its wall time), and the peak host
     memory of its processes."""
-    from .read import load as load_runs
-
     rows = []
-    for run in load_runs(paths).runs:
+    for run in load(paths).runs:
         data = json.loads(run.results_file.read_text("utf-8"))
-        tasks = [t for t in run.tasks]
+        tasks = run.tasks
         if not tasks:
             continue
         fits, tuned, peak, items = {}, {}, 0.0, {}
@@ -64,10 +61,10 @@ def cost(paths: list[str | Path]) -> str:
                 peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items[t.distribution] = t.items
         first = tasks[0]
-        rows.append(((first.n_params or 0), Path(claims.relative(run.results_file, paths)).parts[0], first.model_name, run, data, fits, tuned, peak, items))
+        rows.append(((first.n_params or 0), Path(claims.relative(run.results_file, paths)).parts[0], run, data, fits, tuned, peak, items))
     out = ["| model | run | tasks | evaluation items | lm_eval wall time | fitting mat/affine | training the tuned lens | peak host memory |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for _, folder, _, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1])):
+    for _, folder, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1])):
         name = models(run.tasks)[0].name
         wall = data.get("total_evaluation_time_seconds")
         wall_text = f"{float(wall) / 60:.0f} min" if wall is not None else "–"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .read import load
-from .tables import PROJECTOR_ORDER, is_random_control, models
+from .tables import PROJECTOR_ORDER, by_size, models
 
 METRICS = (("p@1", "P@1", "{:.3f}"), ("kl", "KL (nats)", "{:.2f}"))
 
@@ -24,7 +24,7 @@ def markdown(paths: list[str | Path], distributions: tuple[str, ...] = ("wikiped
     if not loaded.tasks:
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
     out = []
-    for m in sorted(models(loaded.tasks), key=lambda m: (is_random_control(m), m.n_params or 0, m.name)):
+    for m in by_size(models(loaded.tasks)):
         record = m.record or {}
         out.append(f"### {model_title(m, record)}\n")
         weights = m.tasks[0].provenance.get("model", {}).get("weights_sha256")

@@ -175,19 +175,24 @@ class CrossModel:
         return any(is_random_control(m) for m, _ in self.rows)
 
 
+def by_size(all_models: list[Model]) -> list[Model]:
+    """Models smallest first, random-weights controls last: the order of every view across models."""
+    return sorted(all_models, key=lambda m: (is_random_control(m), m.n_params or 0, m.name))
+
+
+def across(all_models: list[Model], distribution: str) -> CrossModel:
+    """One distribution: a row per model that has runs of it (by size, controls last)."""
+    rows = [(m, {t.projector: t for t in m.in_distribution(distribution)}) for m in by_size(all_models)
+            if distribution in m.distributions]
+    return CrossModel(distribution, sorted({p for _, by in rows for p in by}, key=projector_sort_key), rows)
+
+
 def cross_model(all_models: list[Model]) -> list[CrossModel]:
     """Only when more than one model has results: a view of one model is its own page."""
     if len(all_models) < 2:
         return []
-    ordered = sorted(all_models, key=lambda m: (is_random_control(m), m.n_params or 0, m.name))
-    out = []
-    for dist in sorted({d for m in all_models for d in m.distributions}):
-        rows = [(m, {t.projector: t for t in m.in_distribution(dist)}) for m in ordered if dist in m.distributions]
-        if len(rows) < 2:
-            continue
-        projectors = sorted({p for _, by in rows for p in by}, key=projector_sort_key)
-        out.append(CrossModel(dist, projectors, rows))
-    return out
+    views = [across(all_models, dist) for dist in sorted({d for m in all_models for d in m.distributions})]
+    return [v for v in views if len(v.rows) >= 2]
 
 
 # ---------------------------------------------------------------------------------------------
