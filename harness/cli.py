@@ -180,6 +180,15 @@ def _claims(args) -> int:
     return 1 if errors else 0
 
 
+def _item_values(args) -> int:
+    """Beside every samples file of lens tasks, the per-item values the paired tests read (for keeping in git)."""
+    from ..leaderboard import item_values
+
+    written = item_values.write_all(args.results)
+    print(f"jtc item-values: {len(written)} file(s) written")
+    return 0 if written else 1
+
+
 def _results_page(args) -> int:
     from ..leaderboard import results_page
 
@@ -242,12 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     options.add_flags(tuned, TUNED_EXPORT_OPTIONS, typed=True)
     tuned.set_defaults(func=_tuned)
     claims = sub.add_parser("claims", help="test the paper's claims per model from the runs' samples; write the record (JSON)")
-    claims.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl")
+    claims.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl "
+                        "(or the item values jtc item-values keeps of them)")
     claims.add_argument("--output", required=True, help="the claims record to write (JSON)")
     claims.add_argument("--distributions", default="wikipedia,news")
     claims.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
     claims.add_argument("--resamples", type=int, default=2000)
     claims.set_defaults(func=_claims)
+    values = sub.add_parser("item-values", help="beside each samples_*.jsonl of lens tasks, the per-item P@1, surprisal "
+                            "and KL the paired tests read, losslessly (safetensors, small enough for git); the "
+                            "leaderboard and jtc claims read them where the samples are absent")
+    values.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl")
+    values.set_defaults(func=_item_values)
     page = sub.add_parser("results-page", help="the results section across models (summary, claims, per-layer tables) "
                           "from results files and a claims record")
     page.add_argument("results", nargs="+", help="folders of results_*.json (samples not needed)")

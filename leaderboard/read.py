@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..harness.options import FITTED
+from . import item_values
 
 # Metrics the site reads per layer; the first four are required (ranked, charted or tested).
 REQUIRED_METRICS = ("p@1", "surprisal", "kl", "r2")
@@ -73,6 +74,7 @@ class TaskRun:
     run_id: str
     lm_eval_version: str | None
     superseded_by: TaskRun | None = None
+    values_file: Path | None = None  # the per-item values of the paired tests, kept without the samples (item_values)
 
     @property
     def transfer(self) -> bool:
@@ -335,6 +337,7 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
 
     stamp = _STAMP.match(path.name)
     samples = path.parent / f"samples_{task}_{stamp['stamp']}.jsonl" if stamp else None
+    values = item_values.path_for(samples) if samples else None
     date = _parse_date(prov.get("date"))
     return TaskRun(
         task=task, projector=str(projector), distribution=str(distribution), fit_on=str(fit_on) if fit_on else None,
@@ -347,6 +350,7 @@ def _task(task: str, res: dict, config: dict, data: dict, path: Path, run: Run) 
         # the run's own start time orders runs; the task's provenance date stands in when it is absent
         date=run.date if run.date else (date or 0.0), date_text=str(prov.get("date") or run.date_text),
         run_id=run.run_id, lm_eval_version=run.lm_eval_version,
+        values_file=values if values and values.is_file() else None,
     )
 
 
@@ -507,9 +511,10 @@ def read_results(path: Path) -> tuple[Run | None, list[Problem]]:
             warnings.append(Problem(name, f"task {t.task}: the {t.distribution} sources read by this run differ from the "
                                            f"pinned ones (sources sha256 {str(pin.get('sources_sha256'))[:12]}… instead of "
                                            f"{str(pin.get('pinned_sha256'))[:12]}…; see corpus_pin in its provenance)"))
-        if t.samples_file is None:
-            warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl beside it (run lm_eval with "
-                                           "--log_samples); its paired tests are not computed"))
+        if t.samples_file is None and t.values_file is None:
+            warnings.append(Problem(name, f"task {t.task}: no samples_{t.task}_*.jsonl (or its item values, "
+                                           ".safetensors) beside it (run lm_eval with --log_samples); its paired "
+                                           "tests are not computed"))
     if not run.tasks and not run.exits and not run.submodules and not run.layers and not warnings:
         warnings.append(Problem(name, "holds no jtc tasks"))
     return run, warnings
@@ -589,7 +594,7 @@ class SampleCache:
         self._cache: dict[tuple[Path, tuple[str, ...]], Samples] = {}
 
     def get(self, task: TaskRun, metrics: tuple[str, ...]) -> Samples:
-        key = (task.samples_file, metrics)
+        key = (task.samples_file or task.values_file, task.results_file, task.task, metrics)
         if key not in self._cache:
             self._cache[key] = load_samples(task, metrics)
         return self._cache[key]
@@ -603,6 +608,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
     lists as skipped (not scored) are the exception: their lines are passed over.
     """
     if task.samples_file is None:
+        if task.values_file is not None:
+            return item_values.read(task, task.values_file, metrics)
         raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
     ids: list[str] = []
     skipped = task.skipped_ids

