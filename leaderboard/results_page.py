@@ -61,7 +61,9 @@ def cost(paths: list[str | Path]) -> str:
                 peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items[t.distribution] = t.items
         first = tasks[0]
-        rows.append(((first.n_params or 0), Path(claims.relative(run.results_file, paths)).parts[0], run, data, fits, tuned, peak, items))
+        # the run's folder: PHASE, or PHASE/DISTRIBUTION, above MODEL/<lm-eval's model folder>/results_*.json
+        where = Path(claims.relative(run.results_file, paths)).parts
+        rows.append(((first.n_params or 0), "/".join(where[:-3]) or where[0], run, data, fits, tuned, peak, items))
     out = ["| model | run | tasks | evaluation items | lm_eval wall time | fitting mat/affine | training the tuned lens | peak host memory |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, folder, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1])):
