@@ -7,7 +7,7 @@
 # steps of 1,024 tokens: every step reads every layer through the unembedding for each token (6 L V d flops per
 # token: about 6 min a step for Gemma 3 270M on 2 cores, 48 min per distribution), so the published recipe's budget is out of
 # reach on a CPU; keep-best on held-out items keeps it from ending worse than its start. Qwen2.5-Coder-1.5B trains 2
-# steps: a step reads 28 layers x 151,936 x 1,536 (13 min on 2 cores, 2.2 times Gemma's), so 8 steps would make
+# steps: a step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's (so about 13 min on 2 cores), so 8 steps would make
 # each of its Wikipedia and news jobs about 3.5 h; with 2 it keeps the paper's 9,000 fit items and takes about 2 h.
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
