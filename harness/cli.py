@@ -182,9 +182,9 @@ def _claims(args) -> int:
 
 def _item_values(args) -> int:
     """Beside every samples file of lens tasks, the per-item values the paired tests read (for keeping in git)."""
-    from ..leaderboard import item_values
+    from ..leaderboard import read
 
-    written = item_values.write_all(args.results)
+    written = read.write_item_values(args.results)
     print(f"jtc item-values: {len(written)} file(s) written")
     return 0 if written else 1
 

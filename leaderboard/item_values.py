@@ -51,12 +51,11 @@ def write(task, samples) -> Path:
     return out
 
 
-def read(task, path: Path, metrics: tuple[str, ...]):
-    """The ``Samples`` of ``metrics`` stored in ``path`` for ``task``; ValueError naming the file if it does not belong
-    to the task's results file, lacks a metric or is damaged."""
+def read(task, path: Path, metrics: tuple[str, ...]) -> tuple[list, dict, list, list]:
+    """Item ids, ``metrics`` (metric -> layer -> values), item hashes and text hashes stored in ``path`` for ``task``
+    (read.load_samples makes them its ``Samples``); ValueError naming the file if it does not belong to the task's
+    results file, lacks a metric or is damaged."""
     from safetensors import safe_open
-
-    from .read import Samples
 
     missing = [m for m in metrics if m not in METRICS]
     if missing:
@@ -85,14 +84,12 @@ def read(task, path: Path, metrics: tuple[str, ...]):
         if arr is None or arr.shape != (len(ids), task.num_layers):
             raise ValueError(f"{path}: {m} is missing or not ({len(ids)}, {task.num_layers})")
         values[m] = {l: arr[:, l].astype(np.float64) for l in range(task.num_layers)}
-    return Samples(ids=ids, values=values, item_hashes=json.loads(meta["item_hashes"]),
-                   text_hashes=json.loads(meta["text_hashes"]))
+    return ids, values, json.loads(meta["item_hashes"]), json.loads(meta["text_hashes"])
 
 
-def write_all(paths: list[str | Path], progress=print) -> list[Path]:
-    """The item values of every lens task under ``paths`` that has its samples beside it."""
-    from .read import load_samples, read_results, results_files
-
+def write_all(paths: list[str | Path], load_samples, read_results, results_files, progress=print) -> list[Path]:
+    """The item values of every lens task under ``paths`` that has its samples beside it (the readers are
+    leaderboard.read's, passed in: it reads these files too)."""
     files, problems = results_files(paths)
     if problems:
         raise ValueError("; ".join(str(p) for p in problems))

@@ -609,7 +609,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
     """
     if task.samples_file is None:
         if task.values_file is not None:
-            return item_values.read(task, task.values_file, metrics)
+            ids, values, item_hashes, text_hashes = item_values.read(task, task.values_file, metrics)
+            return Samples(ids=ids, values=values, item_hashes=item_hashes, text_hashes=text_hashes)
         raise ValueError(f"{task.results_file}: task {task.task} has no samples file")
     ids: list[str] = []
     skipped = task.skipped_ids
@@ -639,3 +640,8 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
         raise ValueError(f"{task.samples_file}: {len(ids)} samples, but the results file reports {task.items} items")
     return Samples(ids=ids, values={m: {l: np.asarray(v) for l, v in enumerate(cols)} for m, cols in columns.items()},
                    item_hashes=item_hashes, text_hashes=text_hashes)
+
+
+def write_item_values(paths: list[str | Path], progress=print) -> list[Path]:
+    """``item_values.write_all`` with this module's readers."""
+    return item_values.write_all(paths, load_samples, read_results, results_files, progress=progress)

@@ -23,7 +23,7 @@ PACKAGES = ("harness", "leaderboard")
 ROOT_PACKAGE = "jtc_lens"  # the import root the wheel maps both folders under
 ALLOWED_LAZY = ({(f"{ROOT_PACKAGE}.{importer}", f"{ROOT_PACKAGE}.{m}")
                  for importer in ("harness.cli", "harness.sweep") for m in ("leaderboard", "leaderboard.build")}
-                | {(f"{ROOT_PACKAGE}.harness.cli", f"{ROOT_PACKAGE}.leaderboard.{m}") for m in ("claims", "results_page")})
+                | {(f"{ROOT_PACKAGE}.harness.cli", f"{ROOT_PACKAGE}.leaderboard.{m}") for m in ("claims", "results_page", "read")})
 
 
 def module_files() -> dict[str, Path]:

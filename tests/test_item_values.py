@@ -72,7 +72,7 @@ def test_claims_and_families_from_item_values_equal_those_from_the_samples(tmp_p
 
 def test_each_metric_is_kept_in_the_narrowest_exact_type(tmp_path):
     main, _ = _runs(tmp_path)
-    item_values.write_all([tmp_path / "main"], progress=lambda _: None)
+    read.write_item_values([tmp_path / "main"], progress=lambda _: None)
     f32 = load_file(str(main.parent / f"samples_jtc_mat_news_{fake_runs.STAMP}.safetensors"))
     f64 = load_file(str(main.parent / f"samples_jtc_id_news_{fake_runs.STAMP}.safetensors"))
     assert f32["p@1"].dtype == np.uint8 and f32["kl"].dtype == np.float32 and f32["surprisal"].dtype == np.float64
@@ -81,7 +81,7 @@ def test_each_metric_is_kept_in_the_narrowest_exact_type(tmp_path):
 
 def test_item_values_of_another_run_or_a_damaged_file_are_refused(tmp_path):
     main, moved = _runs(tmp_path)
-    item_values.write_all([tmp_path], progress=lambda _: None)
+    read.write_item_values([tmp_path], progress=lambda _: None)
     _drop_samples(tmp_path)
     tasks = {t.task: t for t in read.load([tmp_path / "main"]).tasks}
     # the results file changed after its values were written: they may belong to another run
