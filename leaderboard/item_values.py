@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from ..harness.store import atomic_write_bytes, sha256_file
 
@@ -55,15 +56,13 @@ def read(task, path: Path, metrics: tuple[str, ...]) -> tuple[list, dict, list, 
     """Item ids, ``metrics`` (metric -> layer -> values), item hashes and text hashes stored in ``path`` for ``task``
     (read.load_samples makes them its ``Samples``); ValueError naming the file if it does not belong to the task's
     results file, lacks a metric or is damaged."""
-    from safetensors import safe_open
-
     missing = [m for m in metrics if m not in METRICS]
     if missing:
         raise ValueError(f"{path}: holds {', '.join(METRICS)} per item, not {', '.join(missing)} (read the samples JSONL)")
     try:
         with safe_open(str(path), framework="np") as fh:
             meta = fh.metadata() or {}
-        arrays = load_file(str(path))
+            arrays = {m: fh.get_tensor(m) for m in metrics if m in fh.keys()}
     except Exception as exc:  # a truncated or foreign file
         raise ValueError(f"{path}: unreadable item values ({type(exc).__name__}: {exc})") from None
     if meta.get("format") != FORMAT:
@@ -85,21 +84,3 @@ def read(task, path: Path, metrics: tuple[str, ...]) -> tuple[list, dict, list, 
             raise ValueError(f"{path}: {m} is missing or not ({len(ids)}, {task.num_layers})")
         values[m] = {l: arr[:, l].astype(np.float64) for l in range(task.num_layers)}
     return ids, values, json.loads(meta["item_hashes"]), json.loads(meta["text_hashes"])
-
-
-def write_all(paths: list[str | Path], load_samples, read_results, results_files, progress=print) -> list[Path]:
-    """The item values of every lens task under ``paths`` that has its samples beside it (the readers are
-    leaderboard.read's, passed in: it reads these files too)."""
-    files, problems = results_files(paths)
-    if problems:
-        raise ValueError("; ".join(str(p) for p in problems))
-    written = []
-    for f in files:
-        run, _ = read_results(f)
-        for t in run.tasks if run else ():
-            if t.samples_file is None:
-                continue
-            out = write(t, load_samples(t, METRICS))
-            progress(f"{out} ({out.stat().st_size / 1e6:.1f} MB from {t.samples_file.stat().st_size / 1e6:.0f} MB)")
-            written.append(out)
-    return written

@@ -643,5 +643,17 @@ def load_samples(task: TaskRun, metrics: tuple[str, ...]) -> Samples:
 
 
 def write_item_values(paths: list[str | Path], progress=print) -> list[Path]:
-    """``item_values.write_all`` with this module's readers."""
-    return item_values.write_all(paths, load_samples, read_results, results_files, progress=progress)
+    """The item values (item_values.write) of every lens task under ``paths`` that has its samples beside it."""
+    files, problems = results_files(paths)
+    if problems:
+        raise ValueError("; ".join(str(p) for p in problems))
+    written = []
+    for f in files:
+        run, _ = read_results(f)
+        for t in run.tasks if run else ():
+            if t.samples_file is None:
+                continue
+            out = item_values.write(t, load_samples(t, item_values.METRICS))
+            progress(f"{out} ({out.stat().st_size / 1e6:.1f} MB from {t.samples_file.stat().st_size / 1e6:.0f} MB)")
+            written.append(out)
+    return written

@@ -38,10 +38,11 @@ others="fiction speeches code technical dialogue"
 expand() {  # PHASE:MODEL[:DISTRIBUTION] -> one PHASE:DISTRIBUTION:MODEL line per job (a model name may hold colons)
     local phase=${1%%:*} rest=${1#*:} d
     case $phase in main|transfer|others) ;; *) echo "unknown phase $phase (main, transfer, others)" >&2; return 2 ;; esac
-    case $phase:$rest in transfer:*:wikipedia|transfer:*:fiction|transfer:*:speeches|transfer:*:code|transfer:*:technical|transfer:*:dialogue)
-        echo "the transfer job evaluates news only" >&2; return 2 ;; esac
     for d in wikipedia news $others; do
-        case $rest in *:"$d") echo "$phase:$d:${rest%:"$d"}"; return ;; esac
+        case $rest in *:"$d")
+            if [ "$phase" = transfer ] && [ "$d" != news ]; then echo "the transfer job evaluates news only" >&2; return 2; fi
+            echo "$phase:$d:${rest%:"$d"}"; return ;;
+        esac
     done
     case $phase in
         main) for d in wikipedia news; do echo "$phase:$d:$rest"; done ;;

@@ -1,10 +1,10 @@
 """The per-item values kept in place of the samples: the same paired tests, and never read for another run."""
 
 import json
-from dataclasses import asdict
 import os
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
