@@ -105,3 +105,27 @@ def test_the_committed_results_pages_match_the_committed_results():
         claims_file = args[args.index("--claims") + 1] if "--claims" in args else None
         record = json.loads((root / claims_file).read_text("utf-8")) if claims_file else {}
         assert results_page.render([root / r for r in results], record, command, section) == block, doc
+
+
+def test_other_distributions_get_summary_rows_and_claims_but_no_per_layer_table(tmp_path):
+    _model(tmp_path, "model-good", "good0000000001", mat_beats_id=True, tuned_worse_at_0=False)
+    others = fake_runs.write_run(tmp_path / "others" / "code" / "model-good", [("id", "code", None), ("mat", "code", "code")],
+                                 n_items=N, layers=L, model_name="model-good", model_id="good0000000001")
+    fake_runs.edit_samples(others, "jtc_id_code", _set("p@1", 0.0))
+    fake_runs.edit_samples(others, "jtc_mat_code", _set("p@1", 1.0))
+    runs = [str(tmp_path / "main"), str(tmp_path / "transfer"), str(tmp_path / "others")]
+    record_file = tmp_path / "claims.json"
+    assert cli.main(["claims", *runs, "--output", str(record_file), "--resamples", "200",
+                     "--distributions", "wikipedia,news,code"]) == 0
+    record = json.loads(record_file.read_text())
+    assert record["models"][0]["claims"]["mat_over_id"]["code"]["significantly_above"] == list(range(L))
+    doc = tmp_path / "results.md"
+    assert cli.main(["results-page", *runs, "--claims", str(record_file), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    glance = text[text.index("### At a glance"):text.index("### The paper's claims")]
+    code = glance.split("**code**")[1]
+    assert "| model | layers | items | id | mat |" in code and "| model-good | 8 | 40 |" in code
+    assert any(line.startswith("| mat reads") and "| code |" in line for line in text.splitlines())
+    per_layer = text[text.index("### Per model and layer"):]
+    assert "Per layer on wikipedia and news; code:" in per_layer and "**code**" not in per_layer
+    assert "**wikipedia**" in per_layer and "**news**" in per_layer
