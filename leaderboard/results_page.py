@@ -11,7 +11,7 @@ from jtc_lens.harness.store import atomic_write_bytes
 
 from . import claims, scales
 from .read import load
-from .tables import across, models
+from .tables import PAPER_DISTRIBUTIONS, across, models
 
 SECTIONS = ("results", "cost")
 
@@ -77,7 +77,7 @@ def cost(paths: list[str | Path]) -> str:
 
 # the paper's two distributions get a row per layer; the others (fewer items, no tuned lens) their layer means above,
 # and their per-layer charts on the leaderboard's model pages
-LAYERED_DISTRIBUTIONS = ("wikipedia", "news")
+LAYERED_DISTRIBUTIONS = PAPER_DISTRIBUTIONS
 
 
 def layered(distributions: tuple[str, ...]) -> tuple[str, ...]:
@@ -103,7 +103,8 @@ def render(paths: list[str | Path], record: dict, command: str, section: str = "
         f"Tests at α = {record['alpha']}, computed by `jtc claims` from the per-item samples of the runs (seed "
         f"{record['seed']}); the record, with every test's per-layer rows and the runs it read, is the claims file.\n",
         claims.markdown(record),
-        "### Per model and layer\n", layered_note(distributions), scales.markdown(paths, layered(distributions)),
+        "### Per model and layer\n", *([layered_note(distributions)] if layered_note(distributions) else []),
+        scales.markdown(paths, layered(distributions)),
         end])
 
 

@@ -90,7 +90,7 @@ class Model:
 
     @property
     def distributions(self) -> list[str]:
-        return sorted({t.distribution for t in self.tasks})
+        return sorted({t.distribution for t in self.tasks}, key=distribution_order)
 
     def in_distribution(self, distribution: str) -> list[TaskRun]:
         """The runs of one evaluated distribution whose projector was fitted on it (or needs no fit)."""
@@ -187,11 +187,21 @@ def across(all_models: list[Model], distribution: str) -> CrossModel:
     return CrossModel(distribution, sorted({p for _, by in rows for p in by}, key=projector_sort_key), rows)
 
 
+# the paper's two distributions first, then the others by name
+PAPER_DISTRIBUTIONS = ("wikipedia", "news")
+
+
+def distribution_order(distribution: str) -> tuple:
+    if distribution in PAPER_DISTRIBUTIONS:
+        return (0, PAPER_DISTRIBUTIONS.index(distribution), "")
+    return (1, 0, distribution)
+
+
 def cross_model(all_models: list[Model]) -> list[CrossModel]:
     """Only when more than one model has results: a view of one model is its own page."""
     if len(all_models) < 2:
         return []
-    views = [across(all_models, dist) for dist in sorted({d for m in all_models for d in m.distributions})]
+    views = [across(all_models, dist) for dist in sorted({d for m in all_models for d in m.distributions}, key=distribution_order)]
     return [v for v in views if len(v.rows) >= 2]
 
 
