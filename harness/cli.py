@@ -169,7 +169,7 @@ def _claims(args) -> int:
 
     from .store import atomic_write_json
 
-    record = claims.evaluate(args.results, distributions=tuple(args.distributions.split(",")), seed=args.seed,
+    record = claims.evaluate(args.results, distributions=tuple(args.distributions.split(",")) if args.distributions else None, seed=args.seed,
                              n_resamples=args.resamples)
     errors = [f"{m['name']} {key} {dist}: {res['error']}" for m in record["models"] for key, by in m["claims"].items()
               for dist, res in by.items() if "error" in res]
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     claims.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl "
                         "(or the item values jtc item-values keeps of them)")
     claims.add_argument("--output", required=True, help="the claims record to write (JSON)")
-    claims.add_argument("--distributions", default="wikipedia,news")
+    claims.add_argument("--distributions", help="comma-separated (default: every distribution in the results, "
+                        "Wikipedia and news first)")
     claims.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
     claims.add_argument("--resamples", type=int, default=2000)
     claims.set_defaults(func=_claims)

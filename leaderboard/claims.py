@@ -17,7 +17,7 @@ import numpy as np
 from jtc_lens.harness.stats import paired_bootstrap_ci, pair_by_id, sign_flip_pvalue
 
 from .read import SampleCache, TaskRun, load
-from .tables import Family, by_size, family, item_contents, models
+from .tables import Family, by_size, distribution_order, family, item_contents, models
 
 FORMAT = "jtc-claims-1"
 EARLY_DEPTH = 0.9  # mat over id is required in the first 90% of depth: the paper's "every layer up to 44" of 48
@@ -136,12 +136,15 @@ def _exit(m_key: str, loaded, distribution: str, roots: list) -> dict | None:
                          "jtc_lens_source_sha256": (prov.get("versions") or {}).get("jtc-lens source sha256")}]}
 
 
-def evaluate(paths: list[str | Path], distributions: tuple[str, ...] = ("wikipedia", "news"), alpha: float = 0.05,
+def evaluate(paths: list[str | Path], distributions: tuple[str, ...] | None = None, alpha: float = 0.05,
              n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Every claim on every model with runs under ``paths``. Samples files must sit beside the results files."""
+    """Every claim on every model with runs under ``paths`` (on ``distributions``, default: every distribution
+    evaluated, the paper's two first). Samples or item values must sit beside the results files."""
     loaded = load(paths)
     if not loaded.tasks:
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
+    if distributions is None:
+        distributions = tuple(sorted({t.distribution for t in loaded.tasks}, key=distribution_order))
     cache = SampleCache()
     out_models = []
     for m in by_size(models(loaded.tasks)):
