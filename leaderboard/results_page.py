@@ -100,7 +100,8 @@ def render(paths: list[str | Path], record: dict, command: str, section: str = "
         note,
         "### At a glance\n", summary(paths, distributions),
         "### The paper's claims, per model\n",
-        f"Tests at α = {record['alpha']}, computed by `jtc claims` from the per-item samples of the runs (seed "
+        f"Tests at α = {record['alpha']}, computed by `jtc claims` from the per-item values of the runs (their samples, or the item values "
+        f"written from them; seed "
         f"{record['seed']}); the record, with every test's per-layer rows and the runs it read, is the claims file.\n",
         claims.markdown(record),
         "### Per model and layer\n", *([layered_note(distributions)] if layered_note(distributions) else []),
