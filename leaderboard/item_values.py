@@ -48,8 +48,25 @@ def write(task, samples) -> Path:
             "ids": json.dumps(samples.ids), "item_hashes": json.dumps(samples.item_hashes),
             "text_hashes": json.dumps(samples.text_hashes)}
     out = path_for(task.samples_file)
-    atomic_write_bytes(out, save(tensors, metadata=meta))
+    if not _holds(out, tensors, meta):
+        # safetensors orders the metadata by hash, differently each time: an unchanged file is left as it is, so
+        # that writing the values again does not change a committed file's bytes
+        atomic_write_bytes(out, save(tensors, metadata=meta))
     return out
+
+
+def _holds(path: Path, tensors: dict, meta: dict) -> bool:
+    """Whether ``path`` already holds exactly ``tensors`` (same dtypes) and ``meta``."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            if (fh.metadata() or {}) != meta or set(fh.keys()) != set(tensors):
+                return False
+            return all(fh.get_tensor(k).dtype == v.dtype and np.array_equal(fh.get_tensor(k), v, equal_nan=True)
+                       for k, v in tensors.items())
+    except Exception:  # a damaged file is written anew
+        return False
 
 
 def read(task, path: Path, metrics: tuple[str, ...]) -> tuple[list, dict, list, list]:

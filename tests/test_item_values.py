@@ -79,6 +79,24 @@ def test_each_metric_is_kept_in_the_narrowest_exact_type(tmp_path):
     assert f64["kl"].dtype == np.float64 and f32["kl"].shape == (N, L)
 
 
+def test_writing_the_same_values_again_leaves_the_file_as_it_was(tmp_path):
+    """safetensors orders metadata differently each time: rewriting unchanged values would churn committed files."""
+    main, _ = _runs(tmp_path)
+    read.write_item_values([tmp_path / "main"], progress=lambda _: None)
+    files = sorted(main.parent.glob("samples_*.safetensors"))
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    read.write_item_values([tmp_path / "main"], progress=lambda _: None)
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
+    # values that changed are written
+    fake_runs.edit_samples(main, "jtc_id_news", lambda row: row.update({"kl.L0": row["kl.L0"] + 1.0}))
+    read.write_item_values([tmp_path / "main"], progress=lambda _: None)
+    changed = main.parent / f"samples_jtc_id_news_{fake_runs.STAMP}.safetensors"
+    assert changed.stat().st_mtime_ns != before[changed][1]
+    kl = load_file(str(changed))["kl"][:, 0]
+    assert np.allclose(kl, [json.loads(line)["kl.L0"] for line in fake_runs.samples_file(main, "jtc_id_news").read_text().splitlines()])
+    assert all(f.read_bytes() == before[f][0] for f in files if f != changed)
+
+
 def test_item_values_of_another_run_or_a_damaged_file_are_refused(tmp_path):
     main, moved = _runs(tmp_path)
     read.write_item_values([tmp_path], progress=lambda _: None)
