@@ -17,7 +17,7 @@ import numpy as np
 from jtc_lens.harness.stats import paired_bootstrap_ci, pair_by_id, sign_flip_pvalue
 
 from .read import SampleCache, TaskRun, load
-from .tables import Family, by_size, distribution_order, family, item_contents, models
+from .tables import Family, by_size, family, item_contents, models, ordered_distributions
 
 FORMAT = "jtc-claims-1"
 EARLY_DEPTH = 0.9  # mat over id is required in the first 90% of depth: the paper's "every layer up to 44" of 48
@@ -144,7 +144,7 @@ def evaluate(paths: list[str | Path], distributions: tuple[str, ...] | None = No
     if not loaded.tasks:
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
     if distributions is None:
-        distributions = tuple(sorted({t.distribution for t in loaded.tasks}, key=distribution_order))
+        distributions = tuple(ordered_distributions(t.distribution for t in loaded.tasks))
     cache = SampleCache()
     out_models = []
     for m in by_size(models(loaded.tasks)):

@@ -63,8 +63,11 @@ def _holds(path: Path, tensors: dict, meta: dict) -> bool:
         with safe_open(str(path), framework="np") as fh:
             if (fh.metadata() or {}) != meta or set(fh.keys()) != set(tensors):
                 return False
-            return all(fh.get_tensor(k).dtype == v.dtype and np.array_equal(fh.get_tensor(k), v, equal_nan=True)
-                       for k, v in tensors.items())
+            for k, v in tensors.items():
+                stored = fh.get_tensor(k)
+                if stored.dtype != v.dtype or not np.array_equal(stored, v, equal_nan=True):
+                    return False
+            return True
     except Exception:  # a damaged file is written anew
         return False
 

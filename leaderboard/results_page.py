@@ -75,19 +75,14 @@ def cost(paths: list[str | Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-# the paper's two distributions get a row per layer; the others (fewer items, no tuned lens) their layer means above,
-# and their per-layer charts on the leaderboard's model pages
-LAYERED_DISTRIBUTIONS = PAPER_DISTRIBUTIONS
-
-
-def layered(distributions: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(d for d in distributions if d in LAYERED_DISTRIBUTIONS) or distributions
-
-
-def layered_note(distributions: tuple[str, ...]) -> str:
-    rest = [d for d in distributions if d not in layered(distributions)]
-    return (f"Per layer on {' and '.join(layered(distributions))}; {', '.join(rest)}: their means above, and every layer "
-            "on the leaderboard's model pages.\n" if rest else "")
+def per_layer(distributions: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
+    """The distributions given a row per layer (the paper's two; the others, with fewer items and no tuned lens, have
+    their layer means above and their layers on the leaderboard's model pages), and the note saying so, if needed."""
+    layered = tuple(d for d in distributions if d in PAPER_DISTRIBUTIONS) or distributions
+    rest = [d for d in distributions if d not in layered]
+    note = [f"Per layer on {' and '.join(layered)}; {', '.join(rest)}: their means above, and every layer on the "
+            "leaderboard's model pages.\n"] if rest else []
+    return layered, note
 
 
 def render(paths: list[str | Path], record: dict, command: str, section: str = "results") -> str:
@@ -96,6 +91,7 @@ def render(paths: list[str | Path], record: dict, command: str, section: str = "
     if section == "cost":
         return "\n".join([note, cost(paths), end])
     distributions = tuple(record["distributions"])
+    layered, note_lines = per_layer(distributions)
     return "\n".join([
         note,
         "### At a glance\n", summary(paths, distributions),
@@ -104,8 +100,7 @@ def render(paths: list[str | Path], record: dict, command: str, section: str = "
         f"written from them; seed "
         f"{record['seed']}); the record, with every test's per-layer rows and the runs it read, is the claims file.\n",
         claims.markdown(record),
-        "### Per model and layer\n", *([layered_note(distributions)] if layered_note(distributions) else []),
-        scales.markdown(paths, layered(distributions)),
+        "### Per model and layer\n", *note_lines, scales.markdown(paths, layered),
         end])
 
 

@@ -90,7 +90,7 @@ class Model:
 
     @property
     def distributions(self) -> list[str]:
-        return sorted({t.distribution for t in self.tasks}, key=distribution_order)
+        return ordered_distributions(t.distribution for t in self.tasks)
 
     def in_distribution(self, distribution: str) -> list[TaskRun]:
         """The runs of one evaluated distribution whose projector was fitted on it (or needs no fit)."""
@@ -197,11 +197,15 @@ def distribution_order(distribution: str) -> tuple:
     return (1, 0, distribution)
 
 
+def ordered_distributions(names) -> list[str]:
+    return sorted(set(names), key=distribution_order)
+
+
 def cross_model(all_models: list[Model]) -> list[CrossModel]:
     """Only when more than one model has results: a view of one model is its own page."""
     if len(all_models) < 2:
         return []
-    views = [across(all_models, dist) for dist in sorted({d for m in all_models for d in m.distributions}, key=distribution_order)]
+    views = [across(all_models, dist) for dist in ordered_distributions(d for m in all_models for d in m.distributions)]
     return [v for v in views if len(v.rows) >= 2]
 
 
