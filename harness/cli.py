@@ -169,8 +169,10 @@ def _claims(args) -> int:
 
     from .store import atomic_write_json
 
+    store = claims.store_from(args)
     record = claims.evaluate(args.results, distributions=tuple(args.distributions.split(",")) if args.distributions else None, seed=args.seed,
-                             n_resamples=args.resamples)
+                             n_resamples=args.resamples, store=store)
+    print(f"jtc claims: {store.summary()}", file=sys.stderr)
     errors = [f"{m['name']} {key} {dist}: {res['error']}" for m in record["models"] for key, by in m["claims"].items()
               for dist, res in by.items() if "error" in res]
     atomic_write_json(Path(args.output), record)
@@ -258,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                         "Wikipedia and news first)")
     claims.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
     claims.add_argument("--resamples", type=int, default=2000)
+    claims.add_argument("--comparison-cache", metavar="DIR",
+                        help="folder keeping the paired tests' results between runs (default: comparisons/ in $JTC_CACHE)")
+    claims.add_argument("--no-comparison-cache", action="store_true", help="compute every paired test, keep nothing")
+    claims.add_argument("--recompute-comparisons", action="store_true",
+                        help="compute every paired test again and overwrite what the cache holds")
     claims.set_defaults(func=_claims)
     values = sub.add_parser("item-values", help="beside each samples_*.jsonl of lens tasks, the per-item P@1, surprisal "
                             "and KL the paired tests read, losslessly (safetensors, small enough for git); the "

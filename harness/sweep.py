@@ -158,10 +158,10 @@ def summarise(results_file: Path) -> list[str]:
 
 def build_leaderboard(output_path: Path, site: Path) -> int:
     # the analysis side, imported only here at the end of a sweep; it never imports the sweep
-    from ..leaderboard.build import build_site, exit_status
+    from ..leaderboard.build import ComparisonStore, build_site, exit_status
 
     print(f"[jtc sweep] building the leaderboard in {site}", flush=True)
-    return exit_status(build_site([output_path], site))
+    return exit_status(build_site([output_path], site, store=ComparisonStore.default()))
 
 
 def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, extra: list[str],

@@ -20,6 +20,7 @@ from ..harness import early_exit
 from ..harness.store import atomic_write_bytes
 
 from . import read, svg, tables
+from .comparison_cache import ComparisonStore, add_store_flags, store_from
 from .read import Problem
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -297,10 +298,11 @@ def stale_pages(out: Path, written: list[Path]) -> list[Path]:
 
 
 def build_site(results: list[str | Path], output: str | Path, alpha: float = ALPHA, resamples: int = N_RESAMPLES,
-               seed: int = SEED, stream=None, without_position_0: bool = False) -> BuildResult:
+               seed: int = SEED, stream=None, without_position_0: bool = False,
+               store: ComparisonStore | None = None) -> BuildResult:
     """Build the site in ``output`` from lm-eval output folders (or results files) ``results``; problems
     become warnings (stderr and index), not failures. ``without_position_0``: the paired tests leave out the
-    items scored at position 0."""
+    items scored at position 0. ``store``: where the paired tests' results are kept between builds (None: nowhere)."""
     start = time.perf_counter()
     stream = sys.stderr if stream is None else stream
     out = Path(output)
@@ -308,6 +310,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
     warnings = list(loaded.warnings)
     all_models = tables.models(loaded.tasks)
     cache = read.SampleCache()
+    store = store if store is not None else ComparisonStore(None)
     env = environment()
     common = {"alpha": alpha, "n_resamples": resamples, "models": all_models, "without_position_0": without_position_0,
               "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -321,7 +324,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
             if not tasks:
                 continue  # only transfer runs here; they are on the transfer page
             fams = tables.comparisons(m, dist, cache, alpha=alpha, n_resamples=resamples, seed=seed,
-                                      without_position_0=without_position_0)
+                                      without_position_0=without_position_0, store=store)
             for f in fams:
                 families_out.append(_family_data(f))
                 warnings += _family_problems(f, m.name)
@@ -337,7 +340,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                             layers_view([s for s in loaded.layers if s.model_key == m.key], m.name)))
 
     transfers = tables.transfers(all_models, cache, alpha=alpha, n_resamples=resamples, seed=seed,
-                                 without_position_0=without_position_0)
+                                 without_position_0=without_position_0, store=store)
     transfer_views = []
     for tr in transfers:
         shown = [x for x in (tr.baseline, tr.in_dist, tr.task) if x is not None]
@@ -354,6 +357,7 @@ def build_site(results: list[str | Path], output: str | Path, alpha: float = ALP
                                                          "results; it has no model page to be shown on"))
     for w in warnings:
         print(f"jtc leaderboard: warning: {w}", file=stream)
+    print(f"jtc leaderboard: {store.summary()}", file=stream)
 
     out.mkdir(parents=True, exist_ok=True)
     pages = []
@@ -403,6 +407,7 @@ def parser(prog: str = "jtc leaderboard") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SEED, help="seed of the resampling (default %(default)s)")
     p.add_argument("--without-position-0", action="store_true",
                    help="run the paired tests on the items not scored at position 0 (a one-token input without BOS)")
+    add_store_flags(p)
     return p
 
 
@@ -411,7 +416,7 @@ def main(argv: list[str] | None = None, prog: str = "jtc leaderboard") -> int:
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = build_site(args.results, args.output, alpha=args.alpha, resamples=args.resamples, seed=args.seed,
-                            without_position_0=args.without_position_0)
+                            without_position_0=args.without_position_0, store=store_from(args))
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"jtc leaderboard: {exc}", file=sys.stderr)
         return 1

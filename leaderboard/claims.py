@@ -16,6 +16,7 @@ import numpy as np
 
 from jtc_lens.harness.stats import paired_bootstrap_ci, pair_by_id, sign_flip_pvalue
 
+from .comparison_cache import ComparisonStore, store_from  # noqa: F401  (store_from: for the jtc claims command)
 from .read import SampleCache, TaskRun, load
 from .tables import Family, by_size, family, item_contents, models, ordered_distributions
 
@@ -137,9 +138,10 @@ def _exit(m_key: str, loaded, distribution: str, roots: list) -> dict | None:
 
 
 def evaluate(paths: list[str | Path], distributions: tuple[str, ...] | None = None, alpha: float = 0.05,
-             n_resamples: int = 2000, seed: int = 0) -> dict:
+             n_resamples: int = 2000, seed: int = 0, store: ComparisonStore | None = None) -> dict:
     """Every claim on every model with runs under ``paths`` (on ``distributions``, default: every distribution
-    evaluated, the paper's two first). Samples or item values must sit beside the results files."""
+    evaluated, the paper's two first). Samples or item values must sit beside the results files. ``store``: where
+    the per-layer families' test results are kept between runs (None: nowhere)."""
     loaded = load(paths)
     if not loaded.tasks:
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
@@ -157,7 +159,8 @@ def evaluate(paths: list[str | Path], distributions: tuple[str, ...] | None = No
                 present = {t.projector: t for t in m.in_distribution(dist)}
                 if a in present and b in present:
                     # family() raises the resamples to what Holm needs over the model's layers (resamples_for)
-                    fam = family(m.name, present[a], present[b], metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed)
+                    fam = family(m.name, present[a], present[b], metric, cache, alpha=alpha, n_resamples=n_resamples,
+                                 seed=seed, store=store)
                     entry["claims"].setdefault(key, {})[dist] = {"metric": metric, **_layered(fam, key, m.num_layers, paths)}
         moved = next((t for t in m.tasks if t.projector == "mat" and t.distribution == "news" and t.fit_on == "wikipedia"), None)
         native = next((t for t in m.in_distribution("news") if t.projector == "mat"), None)

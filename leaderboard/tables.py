@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from ..harness.metrics import HIGHER_IS_BETTER
-from ..harness.stats import LayerComparison, compare
+from ..harness.stats import LayerComparison
+from .comparison_cache import ComparisonStore
 
 from .read import NATS, SampleCache, Samples, TaskRun
 
@@ -286,7 +287,9 @@ def position_0_items(a: TaskRun, b: TaskRun) -> set[str]:
 
 
 def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, *, alpha: float,
-           n_resamples: int, seed: int, without_position_0: bool = False, **labels: str) -> Family:
+           n_resamples: int, seed: int, without_position_0: bool = False, store: ComparisonStore | None = None,
+           **labels: str) -> Family:
+    """A against B on one metric, layer by layer; ``store`` keeps the paired tests' results for the next build."""
     fam = Family(model=model, distribution=a.distribution, metric=metric, a=a, b=b, alpha=alpha,
                  n_resamples=resamples_for(a.num_layers, alpha, n_resamples), without_position_0=without_position_0, **labels)
     try:
@@ -297,8 +300,9 @@ def family(model: str, a: TaskRun, b: TaskRun, metric: str, cache: SampleCache, 
             at0 = position_0_items(a, b)
             sa, sb = sa.without(at0), sb.without(at0)
         contents_a, contents_b = item_contents(sa, sb)
-        fam.rows = compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
-                           n_resamples=fam.n_resamples, seed=seed, contents_a=contents_a, contents_b=contents_b)
+        store = store if store is not None else ComparisonStore(None)
+        fam.rows = store.compare(sa.ids, sa.values[metric], sb.ids, sb.values[metric], metric=metric, alpha=alpha,
+                                 n_resamples=fam.n_resamples, seed=seed, contents_a=contents_a, contents_b=contents_b)
         fam.notes = provenance_notes(a, b)
     except ValueError as exc:
         fam.error = (f"{fam.a_label} ({a.samples_file or a.results_file}) vs {fam.b_label} "
@@ -332,14 +336,14 @@ def provenance_notes(a: TaskRun, b: TaskRun) -> list[str]:
 
 
 def comparisons(m: Model, distribution: str, cache: SampleCache, *, alpha: float, n_resamples: int,
-                seed: int, without_position_0: bool = False) -> list[Family]:
+                seed: int, without_position_0: bool = False, store: ComparisonStore | None = None) -> list[Family]:
     present = {t.projector: t for t in m.in_distribution(distribution)}
     out = []
     for metric in COMPARED:
         for a, b in PAIRS:
             if a in present and b in present:
                 out.append(family(m.name, present[a], present[b], metric, cache, alpha=alpha,
-                                  n_resamples=n_resamples, seed=seed, without_position_0=without_position_0))
+                                  n_resamples=n_resamples, seed=seed, without_position_0=without_position_0, store=store))
     return out
 
 
@@ -368,7 +372,7 @@ class Transfer:
 
 
 def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_resamples: int, seed: int,
-              without_position_0: bool = False) -> list[Transfer]:
+              without_position_0: bool = False, store: ComparisonStore | None = None) -> list[Transfer]:
     out = []
     for m in all_models:
         for t in sorted((t for t in m.tasks if t.transfer), key=lambda t: (t.distribution, projector_sort_key(t.projector), t.fit_on)):
@@ -378,7 +382,7 @@ def transfers(all_models: list[Model], cache: SampleCache, *, alpha: float, n_re
             tr = Transfer(model=m, task=t, in_dist=in_dist, baseline=baseline)
             if in_dist is not None:
                 tr.families = [family(m.name, t, in_dist, metric, cache, alpha=alpha, n_resamples=n_resamples, seed=seed,
-                                      without_position_0=without_position_0,
+                                      without_position_0=without_position_0, store=store,
                                       a_label=t.fit_label, b_label=in_dist.fit_label, short="vs in-dist. fit")
                                for metric in COMPARED]
             out.append(tr)
