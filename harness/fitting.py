@@ -24,7 +24,7 @@ from .protocols import ProtocolConfig, build_items, no_items_reason
 from .projectors.tuned import TunedProjector, import_tuned_lens
 from .provenance import versions
 from .store import cache_root, sha256_file, sha256_json
-from .tuned_training import TunedRecipe, TunedTrainer, WarmStart, stream_hash
+from .tuned_training import TunedRecipe, TunedTrainer, WarmStart, item_doc, stream_hash
 
 log = logging.getLogger(__name__)
 
@@ -255,30 +255,60 @@ def import_tuned(lens: LensModel, spec: TunedSpec):
                        "recipe": "imported (trained elsewhere; see its config.json)", "cache": "not cached"}
 
 
+HELDOUT_MAX_DOCUMENTS = 8  # spread over several documents, so that keep-best is not decided on one topic
+
+
+def heldout_documents(n_documents: int) -> int:
+    """How many train documents the held-out items come from: a tenth of the split's, between 1 and 8."""
+    return max(1, min(HELDOUT_MAX_DOCUMENTS, n_documents // 10))
+
+
+def from_few_documents(items: list, wanted: int, n_docs: int) -> list:
+    """``wanted`` of ``items`` from ``n_docs`` documents (more only if those run short): up to wanted / n_docs items
+    of each document in the order ``items`` meets them, in that order. The held-out items' documents are left out of
+    the tuned lens's stream; 256 items in the protocol's order would come from 60 of Wikipedia's 74 train documents,
+    and leave 3% of its text to train on."""
+    per_doc = -(-wanted // n_docs)
+    by_doc: dict[str, list] = {}
+    for it in items:
+        by_doc.setdefault(item_doc(it.item_id), []).append(it)
+    out: list = []
+    for doc_items in by_doc.values():
+        if len(out) >= wanted:
+            break
+        out += doc_items[:per_doc]
+    return out[:wanted]
+
+
 def heldout_items(lens: LensModel, spec: FitSpec, positions: int, max_length: int | None = None):
-    """The encoded train items after the ``n_fit`` fit items of ``spec`` (drawn like them), enough for about
-    ``positions`` scored positions, and the hash of what they hold."""
+    """Train items after the ``n_fit`` fit items of ``spec`` (drawn like them), from a few documents, enough for
+    about ``positions`` scored positions; the hash of what they hold; how many documents they come from."""
     corpus = get_corpus(spec.fit_on)
     protocol = spec.protocol
     per_item = 1 if protocol.name == "paper" else (protocol.stride or protocol.chunk_len - 1)
     wanted = -(-positions // per_item)
-    items = build_items(corpus, "train", protocol, limit=spec.n_fit + wanted)[spec.n_fit:]
+    n_docs = heldout_documents(len(corpus.split("train", seed=protocol.seed)))
+    items = from_few_documents(build_items(corpus, "train", protocol)[spec.n_fit:], wanted, n_docs)
     encoded, _ = encode_all(items, lens.tokenizer, protocol, lens.masked, max_length) if items else ([], {})
     if not encoded:
         total = len(build_items(corpus, "train", protocol))
         raise ValueError(f"warm_start=affine holds out the train items of {spec.fit_on} after the n_fit={spec.n_fit} fit "
                          f"items, but its train split has {total} item(s) and none of them is left to score: lower n_fit, "
                          "or set warm_start=stream")
-    return encoded, sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded])
+    docs = len({item_doc(it.item_id) for it in items})
+    return encoded, sha256_json([[e.item_id, e.input_ids, e.positions] for e in encoded]), docs
 
 
 def _warm_start(lens: LensModel, spec: TunedSpec, fitted: FittedLeastSquares,
                 max_length: int | None) -> tuple[WarmStart, dict]:
     """The run's affine projector and the held-out items (encoded like the fit items); the key fields that name them."""
-    encoded, heldout_hash = heldout_items(lens, spec.start, spec.recipe.heldout_positions, max_length)
+    encoded, heldout_hash, docs = heldout_items(lens, spec.start, spec.recipe.heldout_positions, max_length)
     record = {"projector": "affine", "fit": spec.start.as_dict(), "fit_data_sha256": fitted.info["fit_data_sha256"],
               "fit_positions": fitted.info["fit_positions"], "fit_cache": fitted.info.get("cache"),
-              "heldout_items": len(encoded), "heldout_first_item": spec.start.n_fit, "heldout_sha256": heldout_hash}
+              "heldout_items": len(encoded), "heldout_first_item": spec.start.n_fit, "heldout_documents": docs,
+              "heldout_selection": "the train items after the fit items, in the protocol's order, from a tenth of the split's "
+                                   "documents (1 to 8), an equal share from each",
+              "heldout_sha256": heldout_hash}
     return WarmStart(fitted.affine, encoded, record), {"start_fit_data_sha256": fitted.info["fit_data_sha256"],
                                                        "heldout_sha256": heldout_hash}
 

@@ -564,7 +564,7 @@ class TunedTrainer:
             step, tokens, losses, tracker = resumed
             if tracker.W is not None:  # the kept states' held-out losses, position by position, measured again
                 best_positions = self._heldout_losses(heldout, tracker.W, tracker.b, step)[1]
-        stopped_early = False
+        stopped_early = stream_exhausted = False
         bar = tqdm(total=r.token_budget, initial=tokens, desc=f"tuned lens ({r.name}) on {self.fit_on}", unit="tok",
                    unit_scale=True, disable=not progress)
         try:
@@ -572,7 +572,11 @@ class TunedTrainer:
                 try:
                     step_chunks = [next(chunks) for _ in range(per_step)]
                 except StopIteration:
-                    break  # the split is exhausted before the budget: recorded below
+                    stream_exhausted = True  # recorded below, and said now: the lens trained on less than asked
+                    log.warning("tuned lens on %s: the train split's stream ran out after %d of %d steps (%d tokens of "
+                                "the %d budgeted); the lens is what those steps made of it", self.fit_on, step,
+                                total_steps, tokens, r.token_budget)
+                    break
                 step_losses = self._accumulate_gradients(W, b, step_chunks)
                 bad = [l for l, v in enumerate(step_losses) if not math.isfinite(v)]
                 if bad:
@@ -618,6 +622,7 @@ class TunedTrainer:
             "warm_fit_seconds": round(warm_seconds, 2),
             "stopped_early": stopped_early,
             "budget_exhausted": step >= total_steps,
+            "stream_exhausted": stream_exhausted,
             "loss_curve": losses,
             **self._heldout_record(heldout),
             "heldout_seconds_per_measure": round(heldout_seconds, 2),

@@ -11,7 +11,7 @@ from jtc_lens.harness.store import atomic_write_bytes
 
 from . import claims, scales
 from .read import load
-from .tables import PAPER_DISTRIBUTIONS, across, models
+from .tables import PAPER_DISTRIBUTIONS, across, by_size, models
 
 SECTIONS = ("results", "cost")
 
@@ -75,6 +75,42 @@ def cost(paths: list[str | Path]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stop_reason(pconf: dict) -> str:
+    if pconf.get("budget_exhausted"):
+        return "its token budget spent"
+    if pconf.get("stopped_early"):
+        return f"training loss at stop_at ({(pconf.get('recipe') or {}).get('stop_at')})"
+    return "the train split's stream ran out"  # recorded as stream_exhausted by runs that record it
+
+
+def tuned_training(paths: list[str | Path], distributions: tuple[str, ...]) -> str:
+    """Per model and distribution, how far its tuned lens trained (steps and stream tokens against the recipe's budget,
+    why it stopped, the held-out loss before and after, the layers whose trained state was kept): what a reader needs
+    beside the tuned-vs-mat claim. Empty when no run has a tuned lens."""
+    rows = []
+    for m in by_size(models(load(paths).tasks)):
+        for dist in distributions:
+            t = next((t for t in m.in_distribution(dist) if t.projector == "tuned"), None)
+            pconf = (t.provenance.get("projector_config") or {}) if t is not None else {}
+            if "steps" not in pconf:
+                continue
+            recipe = pconf.get("recipe") or {}
+            start, end = pconf.get("heldout_start") or [], pconf.get("heldout_end") or []
+            held = f"{sum(start) / len(start):.3f} → {sum(end) / len(end):.3f}" if start and len(start) == len(end) else "–"
+            budget = recipe.get("token_budget")
+            tokens = f"{int(pconf.get('tokens_spent') or 0):,}" + (f" of {budget:,}" if isinstance(budget, int) else "")
+            kept = pconf.get("steps_kept") or []
+            rows.append(f"| {m.name} | {dist} | {recipe.get('name', '–')} | {pconf['steps']} | {tokens} | {_stop_reason(pconf)} | "
+                        f"{recipe.get('loss', '–')}: {held} | {sum(1 for k in kept if k)} of {len(kept)} | "
+                        f"{float(pconf.get('train_seconds') or 0) / 60:.0f} min |")
+    if not rows:
+        return ""
+    head = ["| model | distribution | recipe | steps | stream tokens, warm fit included (of the budget) | stopped when "
+            "| held-out loss, layer mean, start → end | layers whose training was kept | training time |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|"]
+    return "\n".join(head + rows) + "\n"
+
+
 def per_layer(distributions: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
     """The distributions given a row per layer (the paper's two; the others, with fewer items and no tuned lens, have
     their layer means above and their layers on the leaderboard's model pages), and the note saying so, if needed."""
@@ -83,6 +119,17 @@ def per_layer(distributions: tuple[str, ...]) -> tuple[tuple[str, ...], list[str
     note = [f"Per layer on {' and '.join(layered)}; {', '.join(rest)}: their means above, and every layer on the "
             "leaderboard's model pages.\n"] if rest else []
     return layered, note
+
+
+def tuned_section(paths: list[str | Path], distributions: tuple[str, ...]) -> list[str]:
+    table = tuned_training(paths, distributions)
+    if not table:
+        return []
+    return ["### How far each tuned lens trained\n",
+            "The warm recipe starts from the affine map and keeps, per layer, its trained state only where the held-out "
+            "loss (KL in nats) fell significantly (keep-best); a layer whose training was not kept reads as affine. "
+            "From each run's projector config:\n",
+            table]
 
 
 def render(paths: list[str | Path], record: dict, command: str, section: str = "results") -> str:
@@ -100,6 +147,7 @@ def render(paths: list[str | Path], record: dict, command: str, section: str = "
         f"written from them; seed "
         f"{record['seed']}); the record, with every test's per-layer rows and the runs it read, is the claims file.\n",
         claims.markdown(record),
+        *tuned_section(paths, distributions),
         "### Per model and layer\n", *note_lines, scales.markdown(paths, layered),
         end])
 

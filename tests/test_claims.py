@@ -129,3 +129,27 @@ def test_other_distributions_get_summary_rows_and_claims_but_no_per_layer_table(
     per_layer = text[text.index("### Per model and layer"):]
     assert "Per layer on wikipedia and news; code:" in per_layer and "**code**" not in per_layer
     assert "**wikipedia**" in per_layer and "**news**" in per_layer
+
+
+def test_the_results_page_says_how_far_each_tuned_lens_trained(tmp_path):
+    main, _ = _model(tmp_path, "model-good", "good0000000001", mat_beats_id=True, tuned_worse_at_0=False)
+
+    def trained(steps, tokens, budget_spent):
+        def edit(prov):
+            prov["projector_config"].update({
+                "recipe": {"name": "warm", "token_budget": 16384, "loss": "kl"}, "steps": steps, "tokens_spent": tokens,
+                "budget_exhausted": budget_spent, "stopped_early": False, "stream_exhausted": not budget_spent,
+                "heldout_start": [2.0, 1.0], "heldout_end": [1.5, 1.0], "steps_kept": [steps, 0], "train_seconds": 600.0})
+        return edit
+
+    fake_runs.edit_provenance(main, "jtc_tuned_wikipedia", trained(4, 12288, False))
+    fake_runs.edit_provenance(main, "jtc_tuned_news", trained(8, 16384, True))
+    table = results_page.tuned_training([tmp_path / "main"], ("wikipedia", "news"))
+    lines = table.splitlines()
+    assert lines[2] == ("| model-good | wikipedia | warm | 4 | 12,288 of 16,384 | the train split's stream ran out | "
+                        "kl: 1.500 → 1.250 | 1 of 2 | 10 min |")
+    assert lines[3].startswith("| model-good | news | warm | 8 | 16,384 of 16,384 | its token budget spent |")
+    record = claims.evaluate([tmp_path / "main"], n_resamples=200)
+    assert "### How far each tuned lens trained" in results_page.render([tmp_path / "main"], record, "jtc results-page x")
+    # runs without a tuned lens: no such section
+    assert results_page.tuned_training([tmp_path / "transfer"], ("news",)) == ""

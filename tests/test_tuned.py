@@ -210,9 +210,14 @@ def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_traini
     assert start["fit_data_sha256"] == affine_config["fit_data_sha256"] and start["fit"]["n_fit"] == 200
     assert start["heldout_first_item"] == 200 and start["heldout_items"] == 40
 
-    # the held-out items are the 40 train items after the 200 fit items; at the start the lens is the affine
-    # projector, so the recorded held-out loss at the start is affine's KL there
-    held = build_items(get_corpus("wikipedia"), "train", protocol, limit=240)[200:]
+    # the held-out items are 40 train items after the 200 fit items, from a few documents; at the start the lens is
+    # the affine projector, so the recorded held-out loss at the start is affine's KL there
+    from jtc_lens.harness.fitting import from_few_documents, heldout_documents
+
+    corpus = get_corpus("wikipedia")
+    n_docs = heldout_documents(len(corpus.split("train", seed=protocol.seed)))
+    held = from_few_documents(build_items(corpus, "train", protocol)[200:], 40, n_docs)
+    assert start["heldout_documents"] == len({it.item_id.rsplit("#", 1)[0] for it in held}) >= n_docs
     encoded, _ = encode_all(held, lens.tokenizer, protocol, lens.masked)
     (batch,) = list(batches(encoded, 64, 0))
     states = lens.capture(batch.input_ids, batch.attention_mask, batch.rows, batch.cols).float()
@@ -240,6 +245,40 @@ def test_the_stream_leaves_out_the_held_out_documents():
     texts = [d.text for d in docs if d.doc_id in keep]
     lengths = [len(lens.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
     assert sum(lengths) - 16 < len(tokens) <= sum(lengths)  # the two documents, cut into whole chunks
+
+
+def test_held_out_items_come_from_a_few_documents_in_the_order_met():
+    from jtc_lens.harness.fitting import from_few_documents, heldout_documents
+    from jtc_lens.harness.protocols import Item
+
+    items = [Item(f"d{k % 5}#s{k}", "t", 0.0) for k in range(50)]  # five documents, interleaved
+    held = from_few_documents(items, 7, 2)
+    # 4 items from d0, then 3 from d1 (up to ceil(7 / 2) each), in the order of the items
+    assert [it.item_id for it in held] == ["d0#s0", "d0#s5", "d0#s10", "d0#s15", "d1#s1", "d1#s6", "d1#s11"]
+    # a document with too few items: the next one makes up the count
+    short = [Item("a#s0", "t", 0.0)] + [Item(f"b#s{k}", "t", 0.0) for k in range(10)] + [Item(f"c#s{k}", "t", 0.0) for k in range(10)]
+    assert [it.item_id.split("#")[0] for it in from_few_documents(short, 6, 2)] == ["a", "b", "b", "b", "c", "c"]
+    # two documents of ten cannot give 30: a third does
+    assert sorted({it.item_id[:2] for it in from_few_documents(items, 30, 2)}) == ["d0", "d1", "d2"]
+    assert [heldout_documents(n) for n in (1, 9, 10, 74, 80, 1558)] == [1, 1, 1, 7, 8, 8]
+
+
+def test_the_held_out_documents_leave_most_of_the_stream():
+    """On the bundled Wikipedia (long documents), held-out items drawn like the fit's would span most documents;
+    from a few documents they leave most of the split's text for the stream."""
+    from jtc_lens.harness.fitting import from_few_documents, heldout_documents
+
+    corpus = get_corpus("wikipedia")
+    protocol = ProtocolConfig("paper", seed=1234)
+    docs = corpus.split("train", seed=protocol.seed)
+    items = build_items(corpus, "train", protocol)
+    n_fit = len(items) // 2
+    held = from_few_documents(items[n_fit:], 256, heldout_documents(len(docs)))
+    left_out = {it.item_id.rsplit("#", 1)[0] for it in held}
+    spread = {it.item_id.rsplit("#", 1)[0] for it in items[n_fit:n_fit + 256]}
+    kept = sum(len(d.text) for d in docs if d.doc_id not in left_out) / sum(len(d.text) for d in docs)
+    assert len(held) == 256 and len(left_out) < len(spread)
+    assert kept > 0.5, f"the stream keeps {kept:.0%} of the train text"
 
 
 def test_warm_start_affine_needs_the_runs_fit():
