@@ -164,22 +164,10 @@ def _tuned(args) -> int:
 
 
 def _claims(args) -> int:
-    """Test the paper's claims on every model of the runs (from their samples), write the record, print its table."""
-    from ..leaderboard import claims
+    # the analysis side defines its own options (shared with jtc leaderboard); it is imported only for this command
+    from ..leaderboard.claims import main as claims_main
 
-    from .store import atomic_write_json
-
-    store = claims.store_from(args)
-    record = claims.evaluate(args.results, distributions=tuple(args.distributions.split(",")) if args.distributions else None, seed=args.seed,
-                             n_resamples=args.resamples, store=store)
-    print(f"jtc claims: {store.summary()}", file=sys.stderr)
-    errors = [f"{m['name']} {key} {dist}: {res['error']}" for m in record["models"] for key, by in m["claims"].items()
-              for dist, res in by.items() if "error" in res]
-    atomic_write_json(Path(args.output), record)
-    print(claims.markdown(record))
-    for e in errors:
-        print(f"jtc claims: {e}", file=sys.stderr)
-    return 1 if errors else 0
+    return claims_main(args.argv)
 
 
 def _item_values(args) -> int:
@@ -252,19 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned.add_argument("--out", required=True, help="folder for config.json and params.pt")
     options.add_flags(tuned, TUNED_EXPORT_OPTIONS, typed=True)
     tuned.set_defaults(func=_tuned)
-    claims = sub.add_parser("claims", help="test the paper's claims per model from the runs' samples; write the record (JSON)")
-    claims.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl "
-                        "(or the item values jtc item-values keeps of them)")
-    claims.add_argument("--output", required=True, help="the claims record to write (JSON)")
-    claims.add_argument("--distributions", help="comma-separated (default: every distribution in the results, "
-                        "Wikipedia and news first)")
-    claims.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
-    claims.add_argument("--resamples", type=int, default=2000)
-    claims.add_argument("--comparison-cache", metavar="DIR",
-                        help="folder keeping the paired tests' results between runs (default: comparisons/ in $JTC_CACHE)")
-    claims.add_argument("--no-comparison-cache", action="store_true", help="compute every paired test, keep nothing")
-    claims.add_argument("--recompute-comparisons", action="store_true",
-                        help="compute every paired test again and overwrite what the cache holds")
+    claims = sub.add_parser("claims", help="test the paper's claims per model from the runs' samples; write the record "
+                            "(JSON); jtc claims --help for its options", add_help=False, prefix_chars="\0")
+    claims.add_argument("argv", nargs=argparse.REMAINDER)  # every argument goes to leaderboard.claims
     claims.set_defaults(func=_claims)
     values = sub.add_parser("item-values", help="beside each samples_*.jsonl of lens tasks, the per-item P@1, surprisal "
                             "and KL the paired tests read, losslessly (safetensors, small enough for git); the "

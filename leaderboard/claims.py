@@ -8,15 +8,18 @@ again without the per-item samples it was computed from.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jtc_lens.harness.stats import paired_bootstrap_ci, pair_by_id, sign_flip_pvalue
+from jtc_lens.harness.store import atomic_write_json
 
-from .comparison_cache import ComparisonStore, store_from  # noqa: F401  (store_from: for the jtc claims command)
+from .comparison_cache import ComparisonStore, add_store_flags, store_from
 from .read import SampleCache, TaskRun, load
 from .tables import Family, by_size, family, item_contents, models, ordered_distributions
 
@@ -223,3 +226,42 @@ def markdown(record: dict) -> str:
     for c in record["claims"]:
         out.append(f"- **{c['title']}.** Paper: {c['paper']}. Tested: {c['tested']}.")
     return "\n".join(out) + "\n"
+
+
+def parser(prog: str = "jtc claims") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Test the paper's claims per model from the runs' samples; "
+                                "write the record (JSON) and print its table.")
+    p.add_argument("results", nargs="+", help="folders of results_*.json with their samples_*.jsonl "
+                   "(or the item values jtc item-values keeps of them)")
+    p.add_argument("--output", required=True, help="the claims record to write (JSON)")
+    p.add_argument("--distributions", help="comma-separated (default: every distribution in the results, "
+                   "Wikipedia and news first)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling tests")
+    p.add_argument("--resamples", type=int, default=2000)
+    add_store_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "jtc claims") -> int:
+    """``jtc claims ...`` (harness.cli hands its arguments here) or ``python -m jtc_lens.leaderboard.claims ...``.
+    Exit status 1 if any claim could not be tested (its reason is printed and kept in the record)."""
+    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        store = store_from(args)
+        record = evaluate(args.results, distributions=tuple(args.distributions.split(",")) if args.distributions else None,
+                          seed=args.seed, n_resamples=args.resamples, store=store)
+        print(f"{prog}: {store.summary()}", file=sys.stderr)
+        atomic_write_json(Path(args.output), record)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(record))
+    errors = [f"{m['name']} {key} {dist}: {res['error']}" for m in record["models"] for key, by in m["claims"].items()
+              for dist, res in by.items() if "error" in res]
+    for e in errors:
+        print(f"{prog}: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m jtc_lens.leaderboard.claims"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .read import load
+from .read import Loaded, load
 from .tables import PROJECTOR_ORDER, by_size, models
 
 METRICS = (("p@1", "P@1", "{:.3f}"), ("kl", "KL (nats)", "{:.2f}"))
@@ -17,10 +17,12 @@ def model_title(m, record: dict) -> str:
     return f"{m.name}: {m.num_layers} layers, d = {m.d_model}, {m.params_text} parameters" + (f"; {what}" if what else "")
 
 
-def markdown(paths: list[str | Path], distributions: tuple[str, ...] = ("wikipedia", "news")) -> str:
+def markdown(paths: list[str | Path], distributions: tuple[str, ...] = ("wikipedia", "news"),
+             loaded: Loaded | None = None) -> str:
     """For each model (by size, random-weights controls last) and distribution: a row per layer l (the state after l
-    blocks, relative depth l / L), P@1 and KL (nats) of each projector fitted on the evaluated distribution."""
-    loaded = load(paths)
+    blocks, relative depth l / L), P@1 and KL (nats) of each projector fitted on the evaluated distribution.
+    ``loaded``: the runs under ``paths``, when the caller has read them already."""
+    loaded = load(paths) if loaded is None else loaded
     if not loaded.tasks:
         raise ValueError(f"no jtc lens results under {', '.join(map(str, paths))}")
     out = []

@@ -4,7 +4,7 @@ import json
 
 import fake_runs
 from jtc_lens.harness import cli
-from jtc_lens.leaderboard import claims, results_page
+from jtc_lens.leaderboard import claims, read, results_page
 
 L, N = 8, 40
 
@@ -144,7 +144,7 @@ def test_the_results_page_says_how_far_each_tuned_lens_trained(tmp_path):
 
     fake_runs.edit_provenance(main, "jtc_tuned_wikipedia", trained(4, 12288, False))
     fake_runs.edit_provenance(main, "jtc_tuned_news", trained(8, 16384, True))
-    table = results_page.tuned_training([tmp_path / "main"], ("wikipedia", "news"))
+    table = results_page.tuned_training(read.load([tmp_path / "main"]), ("wikipedia", "news"))
     lines = table.splitlines()
     assert lines[2] == ("| model-good | wikipedia | warm | 4 | 12,288 of 16,384 | the train split's stream ran out | "
                         "kl: 1.500 → 1.250 | 1 of 2 | 10 min |")
@@ -152,4 +152,4 @@ def test_the_results_page_says_how_far_each_tuned_lens_trained(tmp_path):
     record = claims.evaluate([tmp_path / "main"], n_resamples=200)
     assert "### How far each tuned lens trained" in results_page.render([tmp_path / "main"], record, "jtc results-page x")
     # runs without a tuned lens: no such section
-    assert results_page.tuned_training([tmp_path / "transfer"], ("news",)) == ""
+    assert results_page.tuned_training(read.load([tmp_path / "transfer"]), ("news",)) == ""
