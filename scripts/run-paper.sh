@@ -3,6 +3,8 @@
 #   main      Wikipedia and news, 9,000 fit / 3,000 evaluation items (the paper's counts), lens and exit tasks
 #   transfer  mat fitted on Wikipedia, evaluated on the same 3,000 news items
 #   others    the other five distributions, 9,000 fit / 1,000 evaluation items, without the tuned lens
+#   tuned     the tuned lens and its early exit alone, into the main job's folder (tables read the newest run):
+#             for a tuned lens trained before its held-out items came from a tenth of the train documents
 # The warm tuned lens starts from the affine map, takes its preconditioner from 8,192 stream tokens and trains 8
 # steps of 1,024 tokens: every step reads every layer through the unembedding for each token (6 L V d flops per
 # token: about 6 min a step for Gemma 3 270M on 2 cores, 48 min per distribution), so the published recipe's budget is out of
@@ -37,15 +39,17 @@ tuned=(--token-budget 16384 --warm-fit-tokens 8192 --tokens-per-step 1024 --tune
 others="fiction speeches code technical dialogue"
 expand() {  # PHASE:MODEL[:DISTRIBUTION] -> one PHASE:DISTRIBUTION:MODEL line per job (a model name may hold colons)
     local phase=${1%%:*} rest=${1#*:} d
-    case $phase in main|transfer|others) ;; *) echo "unknown phase $phase (main, transfer, others)" >&2; return 2 ;; esac
+    case $phase in main|transfer|others|tuned) ;; *) echo "unknown phase $phase (main, transfer, others, tuned)" >&2; return 2 ;; esac
     for d in wikipedia news $others; do
         case $rest in *:"$d")
             if [ "$phase" = transfer ] && [ "$d" != news ]; then echo "the transfer job evaluates news only" >&2; return 2; fi
+            case $phase:$d in tuned:wikipedia|tuned:news|main:*|transfer:*|others:*) ;;
+                *) echo "the tuned job reruns Wikipedia or news (the other distributions have no tuned lens)" >&2; return 2 ;; esac
             echo "$phase:$d:${rest%:"$d"}"; return ;;
         esac
     done
     case $phase in
-        main) for d in wikipedia news; do echo "$phase:$d:$rest"; done ;;
+        main|tuned) for d in wikipedia news; do echo "$phase:$d:$rest"; done ;;
         transfer) echo "$phase:news:$rest" ;;
         others) for d in $others; do echo "$phase:$d:$rest"; done ;;
     esac
@@ -65,6 +69,7 @@ for job in "${jobs[@]}"; do
               esac ;;
         transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
         others) args=(--tasks "$(untuned "$dist")" --n-eval 1000 --n-fit 9000) ;;
+        tuned) phase=main args=(--tasks "jtc_tuned_$dist,jtc_exit_tuned_$dist" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
     esac
     echo "== $(date -u +%FT%TZ) $phase $dist $model"
     jtc sweep --models "$model" --output_path "$out/$phase/$dist" --no-leaderboard "${args[@]}"
