@@ -42,9 +42,11 @@ expand() {  # PHASE:MODEL[:DISTRIBUTION] -> one PHASE:DISTRIBUTION:MODEL line pe
     case $phase in main|transfer|others|tuned) ;; *) echo "unknown phase $phase (main, transfer, others, tuned)" >&2; return 2 ;; esac
     for d in wikipedia news $others; do
         case $rest in *:"$d")
-            if [ "$phase" = transfer ] && [ "$d" != news ]; then echo "the transfer job evaluates news only" >&2; return 2; fi
-            case $phase:$d in tuned:wikipedia|tuned:news|main:*|transfer:*|others:*) ;;
-                *) echo "the tuned job reruns Wikipedia or news (the other distributions have no tuned lens)" >&2; return 2 ;; esac
+            case $phase:$d in
+                main:*|others:*|transfer:news|tuned:wikipedia|tuned:news) ;;
+                transfer:*) echo "the transfer job evaluates news only" >&2; return 2 ;;
+                *) echo "the tuned job reruns Wikipedia or news (the other distributions have no tuned lens)" >&2; return 2 ;;
+            esac
             echo "$phase:$d:${rest%:"$d"}"; return ;;
         esac
     done
@@ -62,6 +64,7 @@ done
 for job in "${jobs[@]}"; do
     phase=${job%%:*} rest=${job#*:}
     dist=${rest%%:*} model=${rest#*:}
+    folder=$phase
     case $phase in
         main) case $model in
                   qwen2.5-coder-1.5b*) args=(--tasks "$(untuned "$dist")" --n-eval 3000 --n-fit 9000) ;;
@@ -69,8 +72,8 @@ for job in "${jobs[@]}"; do
               esac ;;
         transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
         others) args=(--tasks "$(untuned "$dist")" --n-eval 1000 --n-fit 9000) ;;
-        tuned) phase=main args=(--tasks "jtc_tuned_$dist,jtc_exit_tuned_$dist" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
+        tuned) folder=main args=(--tasks "jtc_tuned_$dist,jtc_exit_tuned_$dist" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
     esac
     echo "== $(date -u +%FT%TZ) $phase $dist $model"
-    jtc sweep --models "$model" --output_path "$out/$phase/$dist" --no-leaderboard "${args[@]}"
+    jtc sweep --models "$model" --output_path "$out/$folder/$dist" --no-leaderboard "${args[@]}"
 done
