@@ -1,8 +1,9 @@
 """Run the jtc tasks over several models in turn with the stock ``lm_eval`` command, resumably.
 
-A finished model leaves ``jtc_sweep.json`` beside its results, naming what it was asked for; a rerun of
-the same sweep skips it. An interrupted model left no record and is run again (its fitted projectors
-come from the cache, so only the scoring is redone). With ``--processes N`` each model runs under
+A finished model leaves ``jtc_sweep.json`` beside its results, naming every request it finished there (a
+later run with other tasks into the same folder adds one, it does not forget the first); a rerun of a
+finished request skips it. An interrupted model left no record of that request and is run again (its
+fitted projectors come from the cache, so only the scoring is redone). With ``--processes N`` each model runs under
 ``accelerate launch`` with N data-parallel processes.
 """
 
@@ -64,30 +65,51 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_") or "model"
 
 
-RECORD = "jtc_sweep.json"  # beside a model's results: what the finished run was asked to do
+RECORD = "jtc_sweep.json"  # beside a model's results: each request that finished there, oldest first
 
 
 def results_files(model_dir: Path) -> set[str]:
     return set(glob.glob(str(model_dir / "**" / "results_*.json"), recursive=True))
 
 
+def read_runs(model_dir: Path) -> list[dict]:
+    """The finished runs recorded in ``model_dir``; a record of one run (the older layout) reads as a list of one.
+    Raises ValueError for a record that is not one of the two layouts."""
+    record = json.loads((model_dir / RECORD).read_text("utf-8"))
+    runs = record.get("runs") if isinstance(record, dict) and "runs" in record else [record]
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("request"), dict) for r in runs):
+        raise ValueError("neither a list of runs nor one run")
+    return runs
+
+
 def finished_run(model_dir: Path, request: dict) -> tuple[Path | None, str]:
     """The results of an earlier run of exactly ``request``, or None and the reason to run again."""
-    record_file = model_dir / RECORD
-    if not record_file.is_file():
+    if not (model_dir / RECORD).is_file():
         return None, "no finished run"
     try:
-        record = json.loads(record_file.read_text("utf-8"))
-    except ValueError:
-        return None, f"unreadable {RECORD}"
-    if record.get("request") != request:
-        changed = sorted(k for k in set(request) | set(record.get("request", {}))
-                         if request.get(k) != record.get("request", {}).get(k))
+        runs = read_runs(model_dir)
+    except ValueError as exc:
+        return None, f"unreadable {RECORD} ({exc})"
+    same = [r for r in runs if r["request"] == request]
+    if not same:
+        last = runs[-1]["request"] if runs else {}
+        changed = sorted(k for k in set(request) | set(last) if request.get(k) != last.get(k))
         return None, "the finished run was asked for something else (" + ", ".join(changed) + ")"
-    results = model_dir / record.get("results", "")
+    results = model_dir / same[-1].get("results", "")
     if not results.is_file():
         return None, f"its results file {results} is gone"
     return results, "finished"
+
+
+def record_run(model_dir: Path, run: dict) -> None:
+    """Add a finished run to the folder's record, in place of an earlier run of the same request."""
+    try:
+        runs = read_runs(model_dir) if (model_dir / RECORD).is_file() else []
+    except ValueError as exc:
+        print(f"[jtc sweep] {model_dir / RECORD} is unreadable ({exc}); it is replaced by this run's record", file=sys.stderr)
+        runs = []
+    runs = [r for r in runs if r["request"] != run["request"]] + [run]
+    atomic_write_json(model_dir / RECORD, {"runs": runs})
 
 
 def launcher(processes: int) -> tuple[list[str], dict]:
@@ -205,8 +227,8 @@ def run_sweep(models: list[str], tasks: str, output_path: Path, metadata: dict, 
             print(f"[jtc sweep] {name}: lm_eval wrote no results under {model_dir}", file=sys.stderr)
             return 1
         results = Path(new[-1])
-        atomic_write_json(model_dir / RECORD, {"request": request, "results": str(results.relative_to(model_dir)),
-                                               "seconds": round(time.perf_counter() - start, 1), "processes": processes})
+        record_run(model_dir, {"request": request, "results": str(results.relative_to(model_dir)),
+                               "seconds": round(time.perf_counter() - start, 1), "processes": processes})
         print(f"[jtc sweep] {name}: done in {time.perf_counter() - start:.0f} s")
         done.append((name, results))
     print("[jtc sweep] P@1 and KL averaged over layers; r2 (coordinate-averaged) and r2w (variance-weighted) as medians over "

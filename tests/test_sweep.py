@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from jtc_lens.harness.sweep import RECORD, finished_run
+from jtc_lens.harness.sweep import RECORD, finished_run, record_run
 from installed import installed_package_dir
 
 
@@ -26,6 +26,35 @@ def test_a_finished_run_counts_only_for_the_same_request(tmp_path):
     (tmp_path / "r" / "results_1.json").unlink()
     results, why = finished_run(tmp_path, request)
     assert results is None and "gone" in why
+
+
+def test_a_second_request_into_the_same_folder_keeps_the_first_finished(tmp_path):
+    # a rerun of two tasks into a model's folder must not make its earlier seven-task run count as unfinished
+    main = {"model": "m", "tasks": "jtc_id_news,jtc_tuned_news", "metadata": {}, "model_args": "", "lm_eval_args": []}
+    tuned = {**main, "tasks": "jtc_tuned_news"}
+    for name in ("results_1.json", "results_2.json", "results_3.json"):
+        (tmp_path / name).write_text("{}")
+    record_run(tmp_path, {"request": main, "results": "results_1.json"})
+    record_run(tmp_path, {"request": tuned, "results": "results_2.json"})
+    assert finished_run(tmp_path, main) == (tmp_path / "results_1.json", "finished")
+    assert finished_run(tmp_path, tuned) == (tmp_path / "results_2.json", "finished")
+    record_run(tmp_path, {"request": main, "results": "results_3.json"})  # the same request again: it replaces its entry
+    runs = json.loads((tmp_path / RECORD).read_text())["runs"]
+    assert [r["results"] for r in runs] == ["results_2.json", "results_3.json"]
+    assert finished_run(tmp_path, main) == (tmp_path / "results_3.json", "finished")
+    results, why = finished_run(tmp_path, {**main, "model_args": "dtype=bfloat16"})
+    assert results is None and "model_args" in why
+
+
+def test_an_unreadable_record_is_named_and_replaced(tmp_path):
+    request = {"model": "m", "tasks": "jtc_id_news", "metadata": {}, "model_args": "", "lm_eval_args": []}
+    (tmp_path / "results_1.json").write_text("{}")
+    for text in ("{not json", "[1, 2]", '{"runs": [{"results": "results_1.json"}]}'):
+        (tmp_path / RECORD).write_text(text)
+        results, why = finished_run(tmp_path, request)
+        assert results is None and why.startswith(f"unreadable {RECORD}")
+    record_run(tmp_path, {"request": request, "results": "results_1.json"})
+    assert finished_run(tmp_path, request) == (tmp_path / "results_1.json", "finished")
 
 
 @pytest.mark.slow
