@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from jtc_lens.harness.sweep import RECORD, finished_run, record_run
+from jtc_lens.harness.sweep import RECORD, finished_run, read_runs, record_run
 from installed import installed_package_dir
 
 
@@ -87,8 +87,10 @@ def test_sweep_runs_models_in_turn_and_resumes(tmp_path):
     assert "r2 median" in stdout and "medians over layers" in stdout  # never a layer mean of r^2
     assert "Processes · peak memory" in (out / "leaderboard" / "runs.html").read_text(encoding="utf-8")
     for folder in folders:  # every model's results carry its own provenance
-        record = json.loads(next(out.glob(f"*{Path(folder).name}/{RECORD}")).read_text())
-        data = json.loads((next(out.glob(f"*{Path(folder).name}")) / record["results"]).read_text())
+        model_dir = next(out.glob(f"*{Path(folder).name}"))
+        runs = read_runs(model_dir)
+        assert len(runs) == 1  # one request finished there
+        data = json.loads((model_dir / runs[0]["results"]).read_text())
         assert data["configs"]["jtc_mat_news"]["metadata"]["provenance"]["items"] == 8
 
     stdout, again = sweep()  # nothing left to do
