@@ -45,12 +45,19 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
     they were made (a resumed run takes them from the cache: then not part of its wall time), and the peak host
     memory of its processes."""
     rows = []
+    by_key = {m.key: m for m in models(loaded.tasks)}
     for run in loaded.runs:
         data = json.loads(run.results_file.read_text("utf-8"))
         tasks = run.tasks
-        if not tasks:
+        # a run of exit tasks alone (a long job split into requests) is named by its model's lens runs
+        model = by_key.get(tasks[0].model_key if tasks else run.exits[0].model_key if run.exits else None)
+        if model is None:
             continue
         fits, tuned, peak, items = {}, {}, 0.0, {}
+        for e in run.exits:
+            for process in e.provenance.get("peak_memory") or []:
+                peak = max(peak, float(process.get("host_rss_mib") or 0.0))
+            items.setdefault(e.distribution, e.items)
         for t in tasks:
             pconf = t.provenance.get("projector_config") or {}
             if "fit_seconds" in pconf:
@@ -60,14 +67,13 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
             for process in t.provenance.get("peak_memory") or []:
                 peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items[t.distribution] = t.items
-        first = tasks[0]
         # the run's folder: PHASE, or PHASE/DISTRIBUTION, above MODEL/<lm-eval's model folder>/results_*.json
         where = Path(claims.relative(run.results_file, paths)).parts
-        rows.append(((first.n_params or 0), "/".join(where[:-3]) or where[0], run, data, fits, tuned, peak, items))
+        rows.append(((model.n_params or 0), "/".join(where[:-3]) or where[0], model, run, data, fits, tuned, peak, items))
     out = ["| model | run | tasks | evaluation items | lm_eval wall time | fitting mat/affine | training the tuned lens | peak host memory |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for _, folder, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1])):
-        name = models(run.tasks)[0].name
+    for _, folder, model, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1], r[2].name, r[3].date)):
+        name = model.name
         wall = data.get("total_evaluation_time_seconds")
         wall_text = f"{float(wall) / 60:.0f} min" if wall is not None else "–"
         out.append(f"| {name} | {folder} | {len(run.tasks) + len(run.exits)} | {sum(items.values()):,} | {wall_text} | "

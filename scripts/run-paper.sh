@@ -12,7 +12,8 @@
 # without the tuned lens: its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's, and scoring an item costs
 # 2.2 times Gemma's too (Gemma's Wikipedia job: fit 14 min, tuned lens 25 min, scoring 3,000 items with 4 projectors
 # 34 min), so even 2 steps would make each of its Wikipedia and news jobs about 2.7 h; without, it keeps the
-# paper's 9,000 fit and 3,000 evaluation items in about 2 h.
+# paper's 9,000 fit and 3,000 evaluation items in about 2 h, run as two requests (lens tasks, then exit tasks,
+# the second reusing the first's fit from the cache) so that each is kept once it ends.
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
 # interrupted run continues where it stopped, and every finished job's results can be kept at once.
@@ -67,7 +68,11 @@ for job in "${jobs[@]}"; do
     folder=$phase
     case $phase in
         main) case $model in
-                  qwen2.5-coder-1.5b*) args=(--tasks "$(untuned "$dist")" --n-eval 3000 --n-fit 9000) ;;
+                  qwen2.5-coder-1.5b*)  # two requests, lens then exit tasks: a stop during the second keeps the first
+                      echo "== $(date -u +%FT%TZ) $phase $dist $model (lens tasks)"
+                      jtc sweep --models "$model" --output_path "$out/$folder/$dist" --no-leaderboard \
+                          --tasks "jtc_id_$dist,jtc_mat_$dist,jtc_affine_$dist" --n-eval 3000 --n-fit 9000
+                      args=(--tasks "jtc_exit_id_$dist,jtc_exit_mat_$dist" --n-eval 3000 --n-fit 9000) ;;
                   *) args=(--tasks "$(lens "$dist")" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
               esac ;;
         transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;

@@ -153,3 +153,32 @@ def test_the_results_page_says_how_far_each_tuned_lens_trained(tmp_path):
     assert "### How far each tuned lens trained" in results_page.render([tmp_path / "main"], record, "jtc results-page x")
     # runs without a tuned lens: no such section
     assert results_page.tuned_training(read.load([tmp_path / "transfer"]), ("news",)) == ""
+
+
+def test_a_run_of_exit_tasks_alone_has_its_own_cost_row(tmp_path):
+    """A long job split into two requests (lens tasks, then exit tasks) into one folder: the exit request's results
+    file holds no lens task, and its wall time and memory still get a row under the model's name."""
+    import shutil
+    from pathlib import Path
+
+    source = sorted((Path(__file__).resolve().parent.parent / "docs/paper-run/main/news/smollm2-135m").glob("*/results_*.json"))[0]
+    folder = tmp_path / "main" / "news" / "smollm2-135m" / source.parent.name
+    folder.mkdir(parents=True)
+    for f in source.parent.glob("samples_*"):
+        shutil.copy(f, folder / f.name)
+    data = json.loads(source.read_text())
+    exits = {k for k in data["results"] if k.startswith("jtc_exit_")}
+    assert exits and len(exits) < len(data["results"])
+
+    def keep(wanted):
+        return {k: ({t: v for t, v in data[k].items() if t in wanted} if k in ("results", "configs", "versions", "n-shot",
+                "higher_is_better", "n-samples", "task_hashes") else data[k]) for k in data}
+    shutil.copy(source, folder / source.name)
+    (folder / source.name).write_text(json.dumps(keep(set(data["results"]) - exits)))
+    later = dict(keep(exits), total_evaluation_time_seconds=1200.0)
+    (folder / "results_2099-01-01T00-00-00.000000.json").write_text(json.dumps(later))
+    text = results_page.render([tmp_path / "main"], {}, "jtc results-page main --section cost", "cost")
+    rows = [line for line in text.splitlines() if line.startswith("| smollm2-135m | main/news |")]
+    assert len(rows) == 2, text
+    assert rows[0].split(" | ")[2] == str(len(data["results"]) - len(exits))
+    assert rows[1].split(" | ")[2:5] == [str(len(exits)), "3,000", "20 min"]
