@@ -11,9 +11,10 @@
 # reach on a CPU; keep-best on held-out items keeps it from ending worse than its start. Qwen2.5-Coder-1.5B runs
 # without the tuned lens: its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's, and scoring an item costs
 # 2.2 times Gemma's too (Gemma's Wikipedia job: fit 14 min, tuned lens 25 min, scoring 3,000 items with 4 projectors
-# 34 min), so even 2 steps would make each of its Wikipedia and news jobs about 2.7 h; without, it keeps the
-# paper's 9,000 fit and 3,000 evaluation items in about 2 h, run as two requests (lens tasks, then exit tasks,
-# the second reusing the first's fit from the cache) so that each is kept once it ends.
+# 34 min); without, it keeps the paper's 9,000 fit and 3,000 evaluation items in about 4 h per distribution
+# (Wikipedia, measured: fit 110 min, scoring with 3 projectors about 1.5 h, then the exit tasks), run as two
+# requests (lens tasks, then exit tasks, the second reusing the first's fit from the cache) so that each is kept
+# once it ends; with JTC_CACHE on a disk that outlives the run, a stopped job resumes from its cached fit.
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
 # interrupted run continues where it stopped, and every finished job's results can be kept at once.
