@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The paper-size runs behind docs/results.md: four bundled models and the SmolLM2 random-weights control.
-#   main      Wikipedia and news, 9,000 fit / 3,000 evaluation items (the paper's counts; 1,000 evaluation items
-#             for Qwen2.5-Coder-1.5B, see below), lens and exit tasks
-#   transfer  mat fitted on Wikipedia, evaluated on the same news items
+#   main      Wikipedia and news, 9,000 fit / 3,000 evaluation items (the paper's counts), lens and exit tasks
+#   transfer  mat fitted on Wikipedia, evaluated on the same 3,000 news items
 #   others    the other five distributions, 9,000 fit / 1,000 evaluation items, without the tuned lens
 #   tuned     the tuned lens and its early exit alone, into the main job's folder (tables read the newest run):
 #             for a tuned lens trained before its held-out items came from a tenth of the train documents
@@ -10,11 +9,11 @@
 # steps of 1,024 tokens: every step reads every layer through the unembedding for each token (6 L V d flops per
 # token: about 6 min a step for Gemma 3 270M on 2 cores, 48 min per distribution), so the published recipe's budget is out of
 # reach on a CPU; keep-best on held-out items keeps it from ending worse than its start. Qwen2.5-Coder-1.5B runs
-# without the tuned lens (its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's) and with 1,000 evaluation
-# items on Wikipedia and news too, its transfer job on the same 1,000 news items, so that each of its jobs ends
-# within about 3 h on 2 cores (its 9,000-item fit alone took 110 min on Wikipedia; with 3,000 items a job ran ~4 h).
-# Fewer fit items would leave the map of d = 1,536 states under-determined (9,000 positions are 5.9 per dimension
-# already) and bias mat's numbers down against the smaller models; fewer evaluation items only widen intervals.
+# without the tuned lens: its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's. Its lens and exit tasks
+# run in one request; measured on an idle 2-core machine, its fit pass takes 0.24-0.37 s an item (9,000 items in
+# 40-56 min: a run fitted 960 Wikipedia items in 4 min, bench/fit_pass.py 192 in 72 s) and its scoring with three
+# projectors 0.63 s an item (3,000 items in about 32 min), peak memory 11.3 GiB: about 1.5 h per distribution, the
+# transfer job 20-30 min more after the Wikipedia job (the fit comes from the cache).
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
 # interrupted run continues where it stopped, and every finished job's results can be kept at once.
@@ -69,13 +68,10 @@ for job in "${jobs[@]}"; do
     folder=$phase
     case $phase in
         main) case $model in
-                  qwen2.5-coder-1.5b*) args=(--tasks "$(untuned "$dist")" --n-eval 1000 --n-fit 9000) ;;
+                  qwen2.5-coder-1.5b*) args=(--tasks "$(untuned "$dist")" --n-eval 3000 --n-fit 9000) ;;
                   *) args=(--tasks "$(lens "$dist")" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
               esac ;;
-        transfer) case $model in  # the same news items as the model's main news job
-                      qwen2.5-coder-1.5b*) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 1000 --n-fit 9000) ;;
-                      *) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
-                  esac ;;
+        transfer) args=(--tasks jtc_mat_news --fit-on wikipedia --n-eval 3000 --n-fit 9000) ;;
         others) args=(--tasks "$(untuned "$dist")" --n-eval 1000 --n-fit 9000) ;;
         tuned) folder=main args=(--tasks "jtc_tuned_$dist,jtc_exit_tuned_$dist" --n-eval 3000 --n-fit 9000 "${tuned[@]}") ;;
     esac
