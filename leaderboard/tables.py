@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from ..harness.bundled import by_gguf_sha256
 from ..harness.metrics import HIGHER_IS_BETTER
 from ..harness.stats import LayerComparison
 from .comparison_cache import ComparisonStore
@@ -88,6 +89,18 @@ class Model:
     @property
     def params_text(self) -> str:
         return human_params(self.n_params, self.params_estimated)
+
+    @property
+    def params_note(self) -> str | None:
+        """Why the count is larger than the original checkpoint's, for a bundled GGUF that unties the output matrix."""
+        bundled = by_gguf_sha256((self.record or {}).get("gguf_sha256"))
+        if not (bundled and bundled.output_apart and self.n_params and self.vocab_size and self.d_model) \
+                or self.params_estimated:
+            return None
+        output = self.vocab_size * self.d_model
+        return (f"as loaded: the GGUF stores the output matrix ({human_params(output, False)}) apart "
+                f"from the token embeddings, so both are counted; the original checkpoint ties them: "
+                f"{human_params(self.n_params - output, False)}")
 
     @property
     def distributions(self) -> list[str]:

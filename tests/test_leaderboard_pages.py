@@ -105,3 +105,36 @@ def test_legend_keeps_models_with_a_common_prefix_apart():
     width = int(re.search(r'viewBox="0 0 (\d+) ', chart).group(1))
     plot_right = max(float(x) for x in re.findall(r'<rect class="frame" x="([\d.]+)"', chart))
     assert width >= 600 and plot_right < width  # the legend's margin grew, the plot shrank to make room
+
+
+def test_a_gguf_that_unties_the_output_matrix_says_so_beside_the_parameter_count(tmp_path):
+    import json
+
+    from fake_runs import write_run
+    from jtc_lens.harness import bundled
+    from jtc_lens.leaderboard.build import build_site
+    from jtc_lens.leaderboard.scales import markdown
+
+    untied = bundled.get("qwen2.5-coder-0.5b")
+    tied = bundled.get("smollm2-135m")
+    assert untied.output_apart and not tied.output_apart
+    tasks = [("id", "wikipedia", None)]
+    for name, model, n in (("untied", untied, 20_000), ("tied", tied, 10_000)):
+        path = write_run(tmp_path / name, tasks, model_name=f"{name}-model", model_id=f"{name}model0000001"[:16],
+                         provenance={"model_record": {"name": model.name, "gguf_sha256": model.sha256}})
+        data = json.loads(path.read_text())
+        data["config"]["model_num_parameters"] = n
+        path.write_text(json.dumps(data))
+    # the fake runs' model: vocabulary 400, d 32, so the output matrix holds 12,800 of the 20,000
+    site = build_site([tmp_path / "untied", tmp_path / "tied"], tmp_path / "site")
+    pages = {p.name: p.read_text() for p in site.pages}
+    note = "apart from the token embeddings, so both are counted; the original checkpoint ties them: 7.2k"
+    assert note in pages["index.html"] and "(12.8k)" in pages["index.html"]
+    marks = pages["index.html"].count("<sup title=")
+    assert marks == 3 and pages["index.html"].count("†") == marks + 1  # across table, ranking and card; one footnote
+    assert "† qwen2.5-coder-0.5b: 20k parameters as loaded" in pages["index.html"]  # named by its model record
+    untied_page = next(v for k, v in pages.items() if k.startswith("model-") and "<h1>qwen2.5-coder-0.5b" in v)
+    tied_page = next(v for k, v in pages.items() if k.startswith("model-") and "<h1>smollm2-135m" in v)
+    assert "20k, as loaded: the GGUF" in untied_page and "as loaded" not in tied_page
+    text = markdown([tmp_path / "untied", tmp_path / "tied"], distributions=("wikipedia",))
+    assert text.count("Parameters as loaded:") == 1 and "ties them: 7.2k." in text

@@ -57,6 +57,19 @@ def test_prepared_folder_matches_the_gguf(name):
     assert bundled.is_prepared(name)
 
 
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", sorted(bundled.MODELS))
+def test_catalogue_says_which_ggufs_store_the_output_matrix_apart(name):
+    # the leaderboard's note beside a parameter count rests on this flag
+    from gguf import GGUFReader
+
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed: {bundled.get(name).install}")
+    names = {t.name for t in GGUFReader(bundled.gguf_file(bundled.get(name))).tensors}
+    assert "token_embd.weight" in names
+    assert ("output.weight" in names) == bundled.get(name).output_apart
+
+
 def test_unknown_or_missing_models_get_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown bundled model 'gpt5'"):
         bundled.get("gpt5")
