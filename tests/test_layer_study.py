@@ -164,6 +164,8 @@ def test_lm_eval_runs_the_layer_tasks_and_the_site_shows_them(tmp_path):
     page = next(p for p in site.pages if p.name.startswith("model-")).read_text()
     assert "Layer interventions" in page and page.count('class="layers-table"') == 1
     assert "looped_parallel" in page and "random − reverse" in page
+    tested = next(c for c in prov["summary"]["claims"] if c["a"] == "random")["by_start"]["3"]["items"]
+    assert f", {tested} items\">" in page and "built-in method" not in page  # each claim's tooltip: its item count
 
 
 def test_lens_tasks_of_an_intervened_model_are_another_model_with_its_own_fits(tmp_path):
