@@ -10,10 +10,9 @@
 # token: about 6 min a step for Gemma 3 270M on 2 cores, 48 min per distribution), so the published recipe's budget is out of
 # reach on a CPU; keep-best on held-out items keeps it from ending worse than its start. Qwen2.5-Coder-1.5B runs
 # without the tuned lens: its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's. Its lens and exit tasks
-# run in one request; measured on an idle 2-core machine, its fit pass takes 0.24-0.37 s an item (9,000 items in
-# 40-56 min: a run fitted 960 Wikipedia items in 4 min, bench/fit_pass.py 192 in 72 s) and its scoring with three
-# projectors 0.63 s an item (3,000 items in about 32 min), peak memory 11.3 GiB: about 1.5 h per distribution, the
-# transfer job 20-30 min more after the Wikipedia job (the fit comes from the cache).
+# run in one request; on 2 cores its Wikipedia job took 64 min (fit of 9,000 items 35 min, scoring of 3,000 with
+# three projectors 28 min), its news job 59 min, both at a peak of 11.0 GiB, and the transfer job 16 min after the
+# Wikipedia job (the fit comes from the cache); its dialogue job (1,000 evaluation items) 35 min.
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
 # interrupted run continues where it stopped, and every finished job's results can be kept at once.
