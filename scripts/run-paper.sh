@@ -12,7 +12,8 @@
 # without the tuned lens: its step reads 28 layers x 151,936 x 1,536, 2.2 times Gemma's. Its lens and exit tasks
 # run in one request; on 2 cores its Wikipedia job took 64 min (fit of 9,000 items 35 min, scoring of 3,000 with
 # three projectors 28 min), its news job 59 min, both at a peak of 11.0 GiB, and the transfer job 16 min after the
-# Wikipedia job (the fit comes from the cache); its dialogue job (1,000 evaluation items) 35 min.
+# Wikipedia job (the fit comes from the cache); its jobs on the other five distributions (1,000 evaluation items)
+# 25 min (code) to 47 min (speeches), at a peak of 11.0-11.3 GiB.
 # Each job is one model on one distribution, a resumable `jtc sweep` into OUT/PHASE/DISTRIBUTION: a model that
 # finished with the same request is skipped, and fitted or trained projectors come from the cache, so an
 # interrupted run continues where it stopped, and every finished job's results can be kept at once.
