@@ -304,7 +304,8 @@ def _warm_start(lens: LensModel, spec: TunedSpec, fitted: FittedLeastSquares,
     """The run's affine projector and the held-out items (encoded like the fit items); the key fields that name them."""
     encoded, heldout_hash, docs = heldout_items(lens, spec.start, spec.recipe.heldout_positions, max_length)
     record = {"projector": "affine", "fit": spec.start.as_dict(), "fit_data_sha256": fitted.info["fit_data_sha256"],
-              "fit_positions": fitted.info["fit_positions"], "fit_cache": fitted.info.get("cache"),
+              "fit_positions": fitted.info["fit_positions"], "fit_seconds": fitted.info.get("fit_seconds"),
+              "fit_cache": fitted.info.get("cache"),
               "heldout_items": len(encoded), "heldout_first_item": spec.start.n_fit, "heldout_documents": docs,
               "heldout_selection": "the train items after the fit items, in the protocol's order, from a tenth of the split's "
                                    "documents (1 to 8), an equal share from each",

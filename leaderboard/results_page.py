@@ -54,14 +54,22 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
         if model is None:
             continue
         fits, tuned, peak, items = {}, {}, 0.0, {}
+
+        def fitted(config: dict, fallback) -> None:
+            # one Gram pass gives mat and affine: a fit is counted once, by the hash of its data
+            if isinstance(config, dict) and config.get("fit_seconds") is not None:
+                fits[config.get("fit_data_sha256") or fallback] = float(config["fit_seconds"])
+
         for e in run.exits:
             for process in e.provenance.get("peak_memory") or []:
                 peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items.setdefault(e.distribution, e.items)
+            # a run of the tuned lens and its exit alone fits its start there: the exit's base projector records it
+            fitted(((e.provenance.get("exit") or {}).get("base") or {}).get("config"), (e.task, "base"))
         for t in tasks:
             pconf = t.provenance.get("projector_config") or {}
-            if "fit_seconds" in pconf:
-                fits[pconf.get("fit_data_sha256") or (t.fit_on, pconf.get("n_fit"))] = float(pconf["fit_seconds"])
+            fitted(pconf, (t.fit_on, pconf.get("n_fit")))
+            fitted(pconf.get("warm_start"), (t.fit_on, "warm start"))
             if isinstance(pconf.get("train_seconds"), (int, float)):
                 tuned[(t.distribution, pconf.get("fit_on"))] = float(pconf["train_seconds"])
             for process in t.provenance.get("peak_memory") or []:

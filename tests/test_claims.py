@@ -182,3 +182,27 @@ def test_a_run_of_exit_tasks_alone_has_its_own_cost_row(tmp_path):
     assert len(rows) == 2, text
     assert rows[0].split(" | ")[2] == str(len(data["results"]) - len(exits))
     assert rows[1].split(" | ")[2:5] == [str(len(exits)), "3,000", "20 min"]
+
+
+def test_a_tuned_rerun_counts_the_fit_of_its_affine_start(tmp_path):
+    """A rerun of the tuned lens and its exit alone fits the affine projector it starts from; that fit is recorded by
+    the exit's base projector and must be counted in the cost row, not shown as 0 min."""
+    import shutil
+    from pathlib import Path
+
+    sources = sorted((Path(__file__).resolve().parent.parent / "docs/paper-run/main/wikipedia/qwen2.5-coder-0.5b")
+                     .glob("*/results_*.json"))
+    rerun = next(f for f in sources if set(json.loads(f.read_text())["results"]) == {"jtc_tuned_wikipedia",
+                                                                                    "jtc_exit_tuned_wikipedia"})
+    folder = tmp_path / "main" / "wikipedia" / "qwen2.5-coder-0.5b" / rerun.parent.name
+    folder.mkdir(parents=True)
+    for f in rerun.parent.iterdir():
+        shutil.copy(f, folder / f.name)
+    data = json.loads(rerun.read_text())
+    base = data["configs"]["jtc_exit_tuned_wikipedia"]["metadata"]["provenance"]["exit"]["base"]["config"]
+    assert base["cache"] == "miss" and float(base["fit_seconds"]) > 60
+    text = results_page.render([tmp_path / "main"], {}, "jtc results-page main --section cost", "cost")
+    row = next(line for line in text.splitlines()
+               if line.startswith("| qwen2.5-coder-0.5b | main/wikipedia | 2 |")).split(" | ")
+    assert row[5] == f"{float(base['fit_seconds']) / 60:.0f} min", text
+    assert row[6] == f"{data['configs']['jtc_tuned_wikipedia']['metadata']['provenance']['projector_config']['train_seconds'] / 60:.0f} min"

@@ -209,6 +209,7 @@ def test_the_warm_start_is_the_runs_affine_projector_and_it_is_kept_where_traini
     start = tuned_config["warm_start"]
     assert start["fit_data_sha256"] == affine_config["fit_data_sha256"] and start["fit"]["n_fit"] == 200
     assert start["heldout_first_item"] == 200 and start["heldout_items"] == 40
+    assert start["fit_seconds"] == affine_config["fit_seconds"] > 0  # the cost of a tuned-only run counts its start
 
     # the held-out items are 40 train items after the 200 fit items, from a few documents; at the start the lens is
     # the affine projector, so the recorded held-out loss at the start is affine's KL there
