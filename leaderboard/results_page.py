@@ -55,7 +55,7 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
             continue
         fits, tuned, peak, items = {}, {}, 0.0, {}
 
-        def fitted(config: dict, fallback) -> None:
+        def fitted(config: dict | None, fallback) -> None:
             # one Gram pass gives mat and affine: a fit is counted once, by the hash of its data
             if isinstance(config, dict) and config.get("fit_seconds") is not None:
                 fits[config.get("fit_data_sha256") or fallback] = float(config["fit_seconds"])
