@@ -10,7 +10,7 @@ from pathlib import Path
 from jtc_lens.harness.store import atomic_write_bytes
 
 from . import claims, scales
-from .read import Loaded, load
+from .read import Loaded, Run, load
 from .tables import PAPER_DISTRIBUTIONS, across, by_size, models
 
 SECTIONS = ("results", "cost")
@@ -40,6 +40,23 @@ def summary(loaded: Loaded, distributions: tuple[str, ...]) -> str:
     return "\n".join(out)
 
 
+def _fit_seconds(run: Run) -> float:
+    """The seconds the run's least-squares fits took when they were made, each fit counted once (one Gram pass gives
+    mat and affine): its lens tasks' fits, a tuned lens's affine start, and an exit task's base projector (a run of
+    the tuned lens and its exit alone fits its start there, and only the exit's base records that fit's time in
+    results made before the warm start did)."""
+    configs = [((e.provenance.get("exit") or {}).get("base") or {}).get("config") for e in run.exits]
+    for t in run.tasks:
+        pconf = t.provenance.get("projector_config") or {}
+        configs += [pconf, pconf.get("warm_start")]
+    fits = {}
+    for config in configs:
+        if isinstance(config, dict) and config.get("fit_seconds") is not None:
+            key = config.get("fit_data_sha256") or (config.get("fit_on"), config.get("n_fit"))
+            fits[key] = float(config["fit_seconds"])
+    return sum(fits.values())
+
+
 def cost(loaded: Loaded, paths: list[str | Path]) -> str:
     """Per results file (model and run folder): lm-eval's wall time, the time the fits and the tuned lenses took when
     they were made (a resumed run takes them from the cache: then not part of its wall time), and the peak host
@@ -53,31 +70,20 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
         model = by_key.get(tasks[0].model_key if tasks else run.exits[0].model_key if run.exits else None)
         if model is None:
             continue
-        fits, tuned, peak, items = {}, {}, 0.0, {}
-
-        def fitted(config: dict | None, fallback) -> None:
-            # one Gram pass gives mat and affine: a fit is counted once, by the hash of its data
-            if isinstance(config, dict) and config.get("fit_seconds") is not None:
-                fits[config.get("fit_data_sha256") or fallback] = float(config["fit_seconds"])
-
+        peak = max((float(process.get("host_rss_mib") or 0.0) for x in (*run.exits, *tasks)
+                    for process in x.provenance.get("peak_memory") or []), default=0.0)
+        tuned, items = {}, {}
         for e in run.exits:
-            for process in e.provenance.get("peak_memory") or []:
-                peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items.setdefault(e.distribution, e.items)
-            # a run of the tuned lens and its exit alone fits its start there: the exit's base projector records it
-            fitted(((e.provenance.get("exit") or {}).get("base") or {}).get("config"), (e.task, "base"))
         for t in tasks:
             pconf = t.provenance.get("projector_config") or {}
-            fitted(pconf, (t.fit_on, pconf.get("n_fit")))
-            fitted(pconf.get("warm_start"), (t.fit_on, "warm start"))
             if isinstance(pconf.get("train_seconds"), (int, float)):
                 tuned[(t.distribution, pconf.get("fit_on"))] = float(pconf["train_seconds"])
-            for process in t.provenance.get("peak_memory") or []:
-                peak = max(peak, float(process.get("host_rss_mib") or 0.0))
             items[t.distribution] = t.items
         # the run's folder: PHASE, or PHASE/DISTRIBUTION, above MODEL/<lm-eval's model folder>/results_*.json
         where = Path(claims.relative(run.results_file, paths)).parts
-        rows.append(((model.n_params or 0), "/".join(where[:-3]) or where[0], model, run, data, fits, tuned, peak, items))
+        rows.append(((model.n_params or 0), "/".join(where[:-3]) or where[0], model, run, data, _fit_seconds(run), tuned, peak,
+                     items))
     out = ["| model | run | tasks | evaluation items | lm_eval wall time | fitting mat/affine | training the tuned lens | peak host memory |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, folder, model, run, data, fits, tuned, peak, items in sorted(rows, key=lambda r: (r[0], r[1], r[2].name, r[3].date)):
@@ -85,7 +91,7 @@ def cost(loaded: Loaded, paths: list[str | Path]) -> str:
         wall = data.get("total_evaluation_time_seconds")
         wall_text = f"{float(wall) / 60:.0f} min" if wall is not None else "–"
         out.append(f"| {name} | {folder} | {len(run.tasks) + len(run.exits)} | {sum(items.values()):,} | {wall_text} | "
-                   f"{sum(fits.values()) / 60:.0f} min | {sum(tuned.values()) / 60:.0f} min | {peak / 1024:.1f} GiB |")
+                   f"{fits / 60:.0f} min | {sum(tuned.values()) / 60:.0f} min | {peak / 1024:.1f} GiB |")
     return "\n".join(out) + "\n"
 
 
